@@ -1,0 +1,46 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv when it is missing
+# or when requirements changed (the stamp file records what was installed).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+AIRFLOW_HOME_DIR := $(CURDIR)/.airflow
+DEMO_CORPUS := $(CURDIR)/data/sample_corpus
+DEMO_OUT := $(CURDIR)/runs/demo
+DEMO_N ?= 1000
+PYTEST_ARGS ?=
+
+export AIRFLOW_HOME := $(AIRFLOW_HOME_DIR)
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN := sqlite:///$(AIRFLOW_HOME_DIR)/airflow.db
+export AIRFLOW__CORE__EXECUTOR := LocalExecutor
+export AIRFLOW__LOGGING__LOGGING_LEVEL := WARNING
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export GX_ANALYTICS_ENABLED := False
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -c requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@mkdir -p $(AIRFLOW_HOME_DIR)
+	$(BIN)/megapairs sample-corpus $(DEMO_CORPUS) --n $(DEMO_N) --seed 0
+	$(BIN)/airflow db migrate > $(AIRFLOW_HOME_DIR)/db-migrate.log 2>&1 || { cat $(AIRFLOW_HOME_DIR)/db-migrate.log; exit 1; }
+	$(BIN)/megapairs airflow-test --config configs/demo.yaml --corpus $(DEMO_CORPUS) --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(AIRFLOW_HOME_DIR) runs data .pytest_cache

@@ -1,0 +1,277 @@
+"""One typed pipeline config, loaded from YAML once and validated before any work starts.
+
+Every problem is reported as a single line naming the offending key and what to do about it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A config problem, already formatted as one line: '<file>: <key>: <problem>'."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _looks_like_local_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+
+
+ENCODER_KINDS = (
+    "classic_color_layout",
+    "classic_texture",
+    "classic_text_hash",
+    "clip_image",
+    "clip_text",
+    "dinov2",
+)
+WEIGHT_FREE_KINDS = {"classic_color_layout", "classic_texture", "classic_text_hash"}
+TEXT_KINDS = {"classic_text_hash", "clip_text"}
+
+
+class EncoderConfig(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,63}$")]
+    kind: Literal[
+        "classic_color_layout",
+        "classic_texture",
+        "classic_text_hash",
+        "clip_image",
+        "clip_text",
+        "dinov2",
+    ]
+    model: str | None = None
+    revision: str | None = None
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
+    band: tuple[float, float] = (0.8, 0.96)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+    # Only for classic kinds: the vector size; ignored by model-backed kinds.
+    dim: Annotated[int, Field(ge=8, le=65536)] = 512
+
+    @field_validator("band")
+    @classmethod
+    def _band_ordered(cls, band: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = band
+        if not (-1.0 <= lo < hi <= 1.0):
+            raise ValueError(f"band must be [lo, hi] with -1 <= lo < hi <= 1, got [{lo}, {hi}]")
+        return band
+
+    @model_validator(mode="after")
+    def _model_present(self) -> "EncoderConfig":
+        if self.kind in WEIGHT_FREE_KINDS:
+            return self
+        if not self.model:
+            raise ValueError(
+                f"encoder kind '{self.kind}' needs 'model' (a hub id or a local directory)"
+            )
+        if _looks_like_local_path(self.model):
+            path = Path(self.model).expanduser()
+            if not (path / "config.json").is_file():
+                raise ValueError(
+                    f"model path '{self.model}' has no config.json; point 'model' at a directory "
+                    "written by save_pretrained()"
+                )
+        return self
+
+    @property
+    def modality(self) -> Literal["image", "text"]:
+        return "text" if self.kind in TEXT_KINDS else "image"
+
+
+class ManifestColumns(_Strict):
+    path: str = "path"
+    caption: str = "caption"
+
+
+class IngestConfig(_Strict):
+    reader: Literal["auto", "folder", "manifest", "webdataset"] = "auto"
+    columns: ManifestColumns = ManifestColumns()
+    # Manifest rows may only point inside these roots; empty means "the manifest's own folder".
+    allowed_roots: list[str] = []
+    max_pixels: Annotated[int, Field(ge=1)] = 100_000_000
+    max_file_bytes: Annotated[int, Field(ge=1)] = 64 * 1024 * 1024
+    min_side: Annotated[int, Field(ge=1)] = 8
+    max_caption_chars: Annotated[int, Field(ge=1)] = 4000
+
+
+class MiningConfig(_Strict):
+    k: Annotated[int, Field(ge=1, le=4096)] = 20
+    max_targets_per_query: Annotated[int, Field(ge=1)] = 5
+    n_hard_negatives: Annotated[int, Field(ge=0, le=64)] = 5
+    query_batch_size: Annotated[int, Field(ge=1)] = 4096
+
+    @model_validator(mode="after")
+    def _k_covers_negatives(self) -> "MiningConfig":
+        if self.k < self.max_targets_per_query:
+            raise ValueError(
+                f"k ({self.k}) must be >= max_targets_per_query ({self.max_targets_per_query})"
+            )
+        return self
+
+
+class PairsConfig(_Strict):
+    max_pairs_per_query: Annotated[int, Field(ge=1)] = 5
+    # Two images whose 64-bit perceptual hashes differ in at most this many bits are the same picture.
+    near_duplicate_hamming: Annotated[int, Field(ge=0, le=64)] = 6
+    memory_limit: str = "2GB"
+
+
+class StepConfig(_Strict):
+    backend: Literal["template", "openai", "transformers"] = "template"
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] = 512
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    concurrency: Annotated[int, Field(ge=1, le=1024)] = 8
+    image_max_side: Annotated[int, Field(ge=32)] = 512
+    trust_remote_code: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> "StepConfig":
+        if self.backend in ("openai", "transformers") and not self.model:
+            raise ValueError(f"backend '{self.backend}' needs 'model'")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs 'base_url' (e.g. http://host:8000/v1)")
+        if self.backend == "transformers" and self.model and _looks_like_local_path(self.model):
+            if not (Path(self.model).expanduser() / "config.json").is_file():
+                raise ValueError(f"model path '{self.model}' has no config.json")
+        return self
+
+
+class AnnotateConfig(_Strict):
+    prompt_version: str = "v1"
+    word_num: tuple[int, int] = (60, 100)
+    n_demos: Annotated[int, Field(ge=0, le=50)] = 5
+    min_instructions: Annotated[int, Field(ge=1)] = 3
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    describe: StepConfig = StepConfig()
+    instruct: StepConfig = StepConfig()
+
+    @field_validator("word_num")
+    @classmethod
+    def _word_num_ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = value
+        if not (1 <= lo <= hi):
+            raise ValueError(f"word_num must be [lo, hi] with 1 <= lo <= hi, got [{lo}, {hi}]")
+        return value
+
+
+class PublishConfig(_Strict):
+    part_rows: Annotated[int, Field(ge=1)] = 50_000
+    jsonl: bool = True
+
+
+class ValidationConfig(_Strict):
+    enabled: bool = True
+
+
+class ResourcesConfig(_Strict):
+    """Where Airflow should run each kind of task (queues and pools of a deployment)."""
+
+    gpu_queue: str = "default"
+    gpu_pool: str = "default_pool"
+    llm_pool: str = "default_pool"
+
+
+class PipelineConfig(_Strict):
+    seed: int = 0
+    ingest: IngestConfig = IngestConfig()
+    encoders: Annotated[list[EncoderConfig], Field(min_length=1)]
+    mining: MiningConfig = MiningConfig()
+    pairs: PairsConfig = PairsConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
+    publish: PublishConfig = PublishConfig()
+    validation: ValidationConfig = ValidationConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @field_validator("encoders")
+    @classmethod
+    def _unique_names(cls, encoders: list[EncoderConfig]) -> list[EncoderConfig]:
+        names = [e.name for e in encoders]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"encoder names must be unique; repeated: {', '.join(dup)}")
+        return encoders
+
+    def encoder(self, name: str) -> EncoderConfig:
+        for enc in self.encoders:
+            if enc.name == name:
+                return enc
+        raise KeyError(f"no encoder named '{name}' in config (have: {[e.name for e in self.encoders]})")
+
+    def section_fingerprint(self, *parts: Any) -> str:
+        """A stable hash of config sections, used to decide whether a finished stage is still valid."""
+        payload = json.dumps(
+            [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts],
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    kind = first["type"]
+    msg = first["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        msg = "unknown key; remove it or check its spelling"
+    elif kind == "missing":
+        msg = "required key is missing; add it"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def parse_config(data: Any, source: str = "<config>") -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: <root>: expected a mapping of keys, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load and validate a YAML config; `overrides` is a nested mapping merged on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found; pass --config with an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ConfigError(f"{path}: {where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return parse_config(data, str(path))
+
+
+def _deep_merge(base: Any, over: dict[str, Any]) -> Any:
+    if not isinstance(base, dict):
+        return over
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out.get(key), value) if isinstance(value, dict) else value
+    return out
