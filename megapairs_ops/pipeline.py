@@ -1,0 +1,288 @@
+"""The stage graph and its runner, shared by the `megapairs` CLI and the Airflow DAG.
+
+A stage is finished when its status record carries the fingerprint of its config and of its
+upstream stages' fingerprints; re-running a finished stage is a no-op, and changing a config
+section re-runs exactly the stages downstream of it. Each stage's quality gate (Great
+Expectations) runs before the status is written, so a stage whose output fails its gate is not
+finished and the next stage refuses to start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import PipelineConfig, load_config
+from .storage import (
+    STAGE_CODE_VERSION,
+    RunLayout,
+    clear_status,
+    is_finished,
+    load_status,
+    mark_finished,
+    write_json,
+)
+
+log = logging.getLogger("megapairs")
+
+STAGES = ("ingest", "embed", "mine", "pairs", "annotate", "publish")
+PER_ENCODER = {"embed", "mine"}
+
+
+class StageNotReady(RuntimeError):
+    """An upstream stage has not finished (or finished with other settings)."""
+
+
+@dataclass
+class RunContext:
+    cfg: PipelineConfig
+    corpus: Path
+    layout: RunLayout
+    run_id: str
+    progress: bool = False
+    _corpus_sig: str | None = field(default=None, repr=False)
+
+    def corpus_signature(self) -> str:
+        if self._corpus_sig is None:
+            self._corpus_sig = corpus_signature(self.corpus)
+        return self._corpus_sig
+
+
+def context_from_params(
+    config: str | os.PathLike,
+    corpus: str | os.PathLike,
+    out: str | os.PathLike,
+    run_id: str | None = None,
+    progress: bool = False,
+) -> RunContext:
+    cfg = load_config(config)
+    layout = RunLayout(Path(out))
+    return RunContext(
+        cfg=cfg,
+        corpus=Path(corpus).expanduser().resolve(),
+        layout=layout,
+        run_id=run_id or layout.root.name,
+        progress=progress,
+    )
+
+
+def corpus_signature(path: Path) -> str:
+    """Cheap change detector for the corpus: names, sizes and mtimes, not contents."""
+    h = hashlib.sha256(str(path).encode())
+    if path.is_file():
+        st = path.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    elif path.is_dir():
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = Path(root, name)
+                try:
+                    st = full.stat()
+                except OSError:
+                    continue
+                h.update(f"{full.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def stage_key(stage: str, encoder: str | None = None) -> str:
+    return f"{stage}-{encoder}" if encoder else stage
+
+
+def _upstream(ctx: RunContext, stage: str, encoder: str | None) -> list[str]:
+    names = [e.name for e in ctx.cfg.encoders]
+    return {
+        "ingest": [],
+        "embed": ["ingest"],
+        "mine": [stage_key("embed", encoder)],
+        "pairs": [stage_key("mine", n) for n in names] + ["ingest"],
+        "annotate": ["pairs"],
+        "publish": ["annotate"],
+    }[stage]
+
+
+def _config_parts(ctx: RunContext, stage: str, encoder: str | None) -> list[Any]:
+    cfg = ctx.cfg
+    if stage == "ingest":
+        return [cfg.ingest, str(ctx.corpus), ctx.corpus_signature()]
+    if stage == "embed":
+        return [cfg.encoder(encoder).model_dump(exclude={"band"}), cfg.ingest.max_pixels]
+    if stage == "mine":
+        return [cfg.mining, cfg.encoder(encoder).band]
+    if stage == "pairs":
+        return [cfg.pairs, cfg.mining.n_hard_negatives, cfg.seed]
+    if stage == "annotate":
+        return [cfg.annotate, cfg.seed]
+    if stage == "publish":
+        return [cfg.publish, cfg.validation]
+    raise ValueError(f"unknown stage '{stage}'; stages are {', '.join(STAGES)}")
+
+
+def fingerprint(ctx: RunContext, stage: str, encoder: str | None = None) -> str:
+    upstream = []
+    for key in _upstream(ctx, stage, encoder):
+        status = load_status(ctx.layout, key)
+        if not status or status.get("state") != "done":
+            raise StageNotReady(
+                f"stage '{stage_key(stage, encoder)}' needs '{key}' to finish first in {ctx.layout.root}"
+            )
+        upstream.append(status["fingerprint"])
+    return ctx.cfg.section_fingerprint(
+        stage, STAGE_CODE_VERSION, *_config_parts(ctx, stage, encoder), upstream
+    )
+
+
+def _stage_function(stage: str) -> Callable[[RunContext, str | None], dict]:
+    # Imported lazily: each stage module pulls in its own heavy dependencies.
+    if stage == "ingest":
+        from .ingest import ingest_corpus
+
+        return lambda ctx, enc: ingest_corpus(ctx.cfg, ctx.corpus, ctx.layout)
+    if stage == "embed":
+        from .embed import embed_corpus
+
+        return lambda ctx, enc: embed_corpus(ctx.cfg, enc, ctx.layout, progress=ctx.progress)
+    if stage == "mine":
+        from .mine import mine_candidates
+
+        return lambda ctx, enc: mine_candidates(ctx.cfg, enc, ctx.layout)
+    if stage == "pairs":
+        from .pairs import build_pairs
+
+        return lambda ctx, enc: build_pairs(ctx.cfg, ctx.layout)
+    if stage == "annotate":
+        from .annotate import annotate_pairs
+
+        return lambda ctx, enc: annotate_pairs(ctx.cfg, ctx.layout, ctx.run_id, progress=ctx.progress)
+    if stage == "publish":
+        from .publish import publish_triplets
+
+        return lambda ctx, enc: publish_triplets(ctx.cfg, ctx.layout, ctx.run_id)
+    raise ValueError(f"unknown stage '{stage}'; stages are {', '.join(STAGES)}")
+
+
+# Which Great Expectations suite gates which stage's output.
+GATES = {"ingest": "ingest", "mine": "mining", "pairs": "pairs", "publish": "triplets"}
+
+# (rows in, rows out) keys of each stage's stats, for the funnel in stats.json.
+ROW_KEYS = {
+    "ingest": ("items_seen", "images"),
+    "embed": ("images_in", "embedded"),
+    "mine": ("queries", "candidates"),
+    "pairs": ("candidate_rows", "pairs"),
+    "annotate": ("pairs_in", "accepted"),
+    "publish": ("annotated", "triplets"),
+}
+
+
+def run_stage(ctx: RunContext, stage: str, encoder: str | None = None, force: bool = False) -> dict:
+    if stage in PER_ENCODER and encoder is None:
+        raise ValueError(f"stage '{stage}' runs per encoder; pass an encoder name")
+    if stage not in PER_ENCODER and encoder is not None:
+        raise ValueError(f"stage '{stage}' does not take an encoder")
+    if encoder is not None:
+        ctx.cfg.encoder(encoder)
+    key = stage_key(stage, encoder)
+    fp = fingerprint(ctx, stage, encoder)
+    if not force and is_finished(ctx.layout, key, fp):
+        log.info("%s: finished earlier with the same inputs; skipped", key)
+        record = dict(load_status(ctx.layout, key) or {})
+        record["skipped"] = True
+        return record
+
+    clear_status(ctx.layout, key)
+    fn = _stage_function(stage)
+    log.info("%s: started", key)
+    t0 = time.perf_counter()
+    stats = fn(ctx, encoder)
+    if stage == "publish":
+        annotate_status = load_status(ctx.layout, "annotate") or {}
+        stats.setdefault("annotated", annotate_status.get("accepted", 0))
+    gate = GATES.get(stage)
+    if gate and ctx.cfg.validation.enabled:
+        from .validate import validate_stage
+
+        try:
+            result = validate_stage(gate, ctx.cfg, ctx.layout, encoder=encoder)
+        except Exception:
+            if stage == "publish":
+                _withdraw_triplets(ctx.layout)
+            raise
+        stats["validation"] = {k: result[k] for k in ("suite", "success", "evaluated") if k in result}
+    rows_in, rows_out = ROW_KEYS[stage]
+    stats.setdefault("rows_in", stats.get(rows_in))
+    stats.setdefault("rows_out", stats.get(rows_out))
+    record = mark_finished(ctx.layout, key, fp, stats, time.perf_counter() - t0)
+    write_run_stats(ctx)
+    log.info("%s: done in %.1fs (%s in, %s out)", key, record["seconds"], record["rows_in"], record["rows_out"])
+    return record
+
+
+def _withdraw_triplets(layout: RunLayout) -> None:
+    """A triplet set that failed its gate must not look published."""
+    import shutil
+
+    rejected = layout.root / "triplets.rejected"
+    shutil.rmtree(rejected, ignore_errors=True)
+    if layout.triplets_dir.exists():
+        os.replace(layout.triplets_dir, rejected)
+    layout.triplets_jsonl.unlink(missing_ok=True)
+
+
+def planned_stages(cfg: PipelineConfig, until: str | None = None) -> list[tuple[str, str | None]]:
+    if until is not None and until not in STAGES:
+        raise ValueError(f"--until must be one of {', '.join(STAGES)}, got '{until}'")
+    plan: list[tuple[str, str | None]] = []
+    for stage in STAGES:
+        if stage in PER_ENCODER:
+            plan += [(stage, e.name) for e in cfg.encoders]
+        else:
+            plan.append((stage, None))
+        if stage == until:
+            break
+    return plan
+
+
+def run_pipeline(ctx: RunContext, until: str | None = None, force: bool = False) -> dict:
+    for stage, encoder in planned_stages(ctx.cfg, until):
+        run_stage(ctx, stage, encoder, force=force)
+    return write_run_stats(ctx)
+
+
+def write_run_stats(ctx: RunContext) -> dict:
+    stages: dict[str, Any] = {}
+    for stage, encoder in planned_stages(ctx.cfg):
+        status = load_status(ctx.layout, stage_key(stage, encoder))
+        if status:
+            stages[stage_key(stage, encoder)] = status
+    publish = stages.get("publish", {})
+    stats = {
+        "run_id": ctx.run_id,
+        "corpus": str(ctx.corpus),
+        "stages": stages,
+        "seconds_total": round(sum(s.get("seconds", 0.0) for s in stages.values()), 3),
+        "images_in": stages.get("ingest", {}).get("items_seen"),
+        "images_usable": stages.get("ingest", {}).get("images"),
+        "quarantined": publish.get("quarantined"),
+        "failed": publish.get("failed"),
+        "triplets": publish.get("triplets"),
+        "complete": "publish" in stages,
+    }
+    write_json(stats, ctx.layout.stats)
+    return stats
+
+
+def output_locations(layout: RunLayout) -> dict[str, Path]:
+    return {
+        "triplets": layout.triplets_dir,
+        "triplets_jsonl": layout.triplets_jsonl,
+        "quarantine": layout.quarantine,
+        "failures": layout.failures,
+        "stats": layout.stats,
+        "data_docs": layout.data_docs_dir / "index.html",
+    }
