@@ -1,0 +1,41 @@
+"""Annotation building blocks: versioned prompts, output parsing and checks, model backends.
+
+The stage itself (batching, retries, resumable parts) lives in `megapairs_ops.annotate`.
+Backends are imported lazily by `make_backend`, so importing this package loads no model library.
+"""
+
+from .backends import (
+    Backend,
+    BackendError,
+    DescribeRequest,
+    InstructRequest,
+    Result,
+    image_data_url,
+    load_image,
+    make_backend,
+)
+from .parsing import check_description, check_instructions, is_refusal, normalise, parse_instructions
+from .prompts import Demo, PromptError, PromptSet, draw_demos, draw_word_num, load_prompt_set, seed_key
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "Demo",
+    "DescribeRequest",
+    "InstructRequest",
+    "PromptError",
+    "PromptSet",
+    "Result",
+    "check_description",
+    "check_instructions",
+    "draw_demos",
+    "draw_word_num",
+    "image_data_url",
+    "is_refusal",
+    "load_image",
+    "load_prompt_set",
+    "make_backend",
+    "normalise",
+    "parse_instructions",
+    "seed_key",
+]
