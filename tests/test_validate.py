@@ -1,0 +1,475 @@
+"""Stage gates: each artifact passes its suite when well-formed, and each broken rule fails the
+suite with a one-line ValidationFailed naming that rule."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import pickle
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from megapairs_ops.config import parse_config
+from megapairs_ops.storage import RunLayout, write_parquet
+from megapairs_ops.validate import (
+    CANDIDATES_SCHEMA,
+    IMAGES_SCHEMA,
+    PAIRS_SCHEMA,
+    TRIPLETS_SCHEMA,
+    ValidationFailed,
+    validate_stage,
+)
+
+N_IMAGES = 12
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return parse_config(
+        {
+            "encoders": [
+                {"name": "sem", "kind": "classic_color_layout"},
+                {"name": "cap", "kind": "classic_text_hash", "band": [0.5, 0.9]},
+            ]
+        }
+    )
+
+
+@pytest.fixture
+def layout(tmp_path):
+    return RunLayout(tmp_path / "run")
+
+
+def _sha(i: int) -> str:
+    return hashlib.sha256(f"image-{i}".encode()).hexdigest()
+
+
+def _id(i: int) -> str:
+    return _sha(i)[:16]
+
+
+def _pair_id(q: str, t: str) -> str:
+    return hashlib.sha256(f"{q}:{t}".encode()).hexdigest()[:16]
+
+
+def _table(rows: list[dict], schema: dict) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=pa.schema(list(schema.items())))
+
+
+def image_rows() -> list[dict]:
+    rows = [
+        {
+            "image_id": _id(i),
+            "sha256": _sha(i),
+            "path": f"/data/img/{i}.jpg",
+            "caption": f"a photo number {i}",
+            "width": 64,
+            "height": 48,
+            "mode": "RGB",
+            "phash": -(i * 7919),
+            "file_bytes": 1000 + i,
+            "duplicate_paths": [] if i else ["/data/img/copy.jpg"],
+        }
+        for i in range(N_IMAGES)
+    ]
+    return sorted(rows, key=lambda r: r["image_id"])
+
+
+def candidate_rows() -> list[dict]:
+    return [
+        {"q_id": _id(q), "t_id": _id(q + d), "sim": 0.9 - 0.01 * d, "rank": d}
+        for q in range(4)
+        for d in (1, 2, 3)
+    ]
+
+
+def _hns(q: int, t: int) -> list[int]:
+    return [i for i in range(N_IMAGES) if i not in (q, t)][:5]
+
+
+def pair_rows() -> list[dict]:
+    rows = []
+    for q, t in [(0, 1), (0, 2), (3, 4), (5, 6)]:
+        rows.append(
+            {
+                "pair_id": _pair_id(_id(q), _id(t)),
+                "q_id": _id(q),
+                "t_id": _id(t),
+                "encoders": ["cap", "sem"],
+                "sims": [0.7, 0.85],
+                "max_sim": 0.85,
+                "hn_ids": [_id(i) for i in _hns(q, t)],
+            }
+        )
+    return rows
+
+
+def triplet_rows() -> list[dict]:
+    rows = []
+    for p in pair_rows():
+        q, t = p["q_id"], p["t_id"]
+        rows.append(
+            {
+                "q_img": f"/data/img/{q}.jpg",
+                "q_text": [f"Find a {w} scene like this" for w in ("red", "wide", "calm")],
+                "t_img": f"/data/img/{t}.jpg",
+                "hns": [f"/data/img/{q}.jpg"] + [f"/data/img/{h}.jpg" for h in p["hn_ids"]],
+                "pair_id": p["pair_id"],
+                "q_id": q,
+                "t_id": t,
+                "encoders": p["encoders"],
+                "sims": p["sims"],
+                "description": "Both show a street; the second one is at night.",
+                "word_num": 72,
+                "describe_model": "template",
+                "instruct_model": "template",
+                "describe_backend": "template",
+                "instruct_backend": "template",
+                "prompt_version": "v1",
+                "run_id": "run-1",
+            }
+        )
+    return rows
+
+
+def write_ingest(layout, rows):
+    write_parquet(_table(rows, IMAGES_SCHEMA), layout.images)
+
+
+def write_mining(layout, rows, encoder="sem"):
+    write_parquet(_table(rows, CANDIDATES_SCHEMA), layout.candidates(encoder))
+
+
+def write_pairs(layout, rows):
+    write_parquet(_table(rows, PAIRS_SCHEMA), layout.pairs)
+
+
+def write_triplets(layout, rows, parts=2):
+    layout.triplets_dir.mkdir(parents=True, exist_ok=True)
+    step = max(1, -(-len(rows) // parts))
+    for k in range(0, len(rows), step):
+        path = layout.triplets_dir / f"part-{k // step:05d}.parquet"
+        write_parquet(_table(rows[k : k + step], TRIPLETS_SCHEMA), path)
+
+
+WRITERS = {
+    "ingest": (image_rows, write_ingest),
+    "mining": (candidate_rows, write_mining),
+    "pairs": (pair_rows, write_pairs),
+    "triplets": (triplet_rows, write_triplets),
+}
+
+
+def run(stage, cfg, layout):
+    return validate_stage(stage, cfg, layout, encoder="sem" if stage == "mining" else None)
+
+
+@pytest.mark.parametrize("stage", list(WRITERS))
+def test_well_formed_artifact_passes(stage, cfg, layout):
+    rows, write = WRITERS[stage]
+    write(layout, rows())
+    result = run(stage, cfg, layout)
+    suffix = "_sem" if stage == "mining" else ""
+    assert result["suite"] == f"megapairs_{stage}{suffix}"
+    assert result["success"] is True
+    assert result["failed_expectations"] == []
+    assert result["evaluated"] >= 10
+    assert result["warnings"] == []
+    index = Path(result["data_docs"])
+    assert index == layout.data_docs_dir / "index.html"
+    assert result["suite"] in index.read_text()
+
+
+def _set(i, **values):
+    def mutate(rows):
+        rows[i].update(values)
+        return rows
+
+    return mutate
+
+
+def _dup(i, j, *keys):
+    def mutate(rows):
+        rows[j].update({k: rows[i][k] for k in keys})
+        return rows
+
+    return mutate
+
+
+def _fn(f):
+    def mutate(rows):
+        f(rows)
+        return rows
+
+    return mutate
+
+
+VIOLATIONS = [
+    # ingest
+    ("ingest", _set(0, image_id=None), "image_id_not_null"),
+    ("ingest", _dup(0, 1, "image_id"), "image_id_unique"),
+    ("ingest", _set(0, image_id="XYZ"), "image_id_16_hex"),
+    ("ingest", _set(0, sha256="abc"), "sha256_64_hex"),
+    ("ingest", _set(0, image_id=_id(99)), "image_id_is_sha256_prefix"),
+    ("ingest", _set(0, path=None), "path_not_null"),
+    ("ingest", _set(0, caption="   "), "caption_not_blank"),
+    ("ingest", _set(0, width=4), "width_min_side"),
+    ("ingest", _set(0, height=7), "height_min_side"),
+    # mining
+    ("mining", _set(0, t_id=None), "t_id_not_null"),
+    ("mining", _set(0, q_id=None), "q_id_not_null"),
+    ("mining", _fn(lambda r: r[0].update(t_id=r[0]["q_id"])), "q_ne_t"),
+    ("mining", _set(0, sim=0.97), "sim_in_band"),
+    ("mining", _set(0, sim=0.5), "sim_in_band"),
+    ("mining", _set(0, rank=0), "rank_positive"),
+    ("mining", _fn(lambda r: r.extend(
+        {"q_id": _id(0), "t_id": _id(k), "sim": 0.85, "rank": k} for k in range(4, 7))),
+     "max_targets_per_query"),
+    ("mining", _fn(lambda r: r.append(dict(r[0], rank=9))), "q_t_unique"),
+    # pairs
+    ("pairs", _dup(0, 1, "pair_id"), "pair_id_unique"),
+    ("pairs", _set(0, pair_id="0" * 16), "pair_id_from_ids"),
+    ("pairs", _fn(lambda r: r.append(dict(r[0], pair_id="f" * 16))), "q_t_unique"),
+    ("pairs", _fn(lambda r: r[0].update(t_id=r[0]["q_id"],
+                                         pair_id=_pair_id(r[0]["q_id"], r[0]["q_id"]))), "q_ne_t"),
+    ("pairs", _fn(lambda r: r[0]["hn_ids"].pop()), "hn_count"),
+    ("pairs", _fn(lambda r: r[0]["hn_ids"].__setitem__(2, r[0]["t_id"])), "t_not_in_hns"),
+    ("pairs", _fn(lambda r: r[0]["hn_ids"].__setitem__(0, r[0]["q_id"])), "q_not_in_hns"),
+    ("pairs", _set(0, encoders=[], sims=[]), "encoders_non_empty"),
+    # 0.92 is inside the sem band but outside the cap band: bands are per encoder
+    ("pairs", _set(0, sims=[0.92, 0.85]), "sims_in_band"),
+    ("pairs", _set(0, encoders=["cap", "other"]), "sims_in_band"),
+    ("pairs", _set(0, sims=[0.7]), "sims_in_band"),
+    # triplets
+    ("triplets", _fn(lambda r: r[0].update(t_img=r[0]["q_img"])), "q_ne_t_img"),
+    ("triplets", _fn(lambda r: r[0]["hns"].reverse()), "hns0_is_q_img"),
+    ("triplets", _fn(lambda r: r[0]["hns"].__setitem__(3, r[0]["t_img"])), "t_img_not_in_hns"),
+    ("triplets", _fn(lambda r: r[0]["q_text"].pop()), "min_instructions"),
+    ("triplets", _fn(lambda r: r[0]["q_text"].__setitem__(2, r[0]["q_text"][0] + " ")),
+     "min_distinct_instructions"),
+    ("triplets", _fn(lambda r: r[0]["q_text"].append("  ")), "no_blank_instructions"),
+    ("triplets", _fn(lambda r: r[0]["hns"].pop()), "hns_count"),
+    ("triplets", _set(0, sims=[0.95, 0.85]), "sims_in_band"),
+    ("triplets", _fn(lambda r: r[1].update(q_img=r[0]["q_img"], t_img=r[0]["t_img"],
+                                            hns=list(r[0]["hns"]))), "q_t_img_unique"),
+    ("triplets", _dup(0, 1, "pair_id"), "pair_id_unique"),
+    ("triplets", _set(0, run_id=None), "run_id_not_null"),
+    ("triplets", _set(0, prompt_version=None), "prompt_version_not_null"),
+    ("triplets", _set(0, word_num=5), "word_num_in_range"),
+]
+
+
+@pytest.mark.parametrize(
+    "stage,mutate,rule", VIOLATIONS, ids=[f"{s}-{r}-{i}" for i, (s, _, r) in enumerate(VIOLATIONS)]
+)
+def test_each_broken_rule_fails_with_its_name(stage, mutate, rule, cfg, layout):
+    rows, write = WRITERS[stage]
+    write(layout, mutate(rows()))
+    with pytest.raises(ValidationFailed) as err:
+        run(stage, cfg, layout)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{stage} validation failed")
+    assert rule in err.value.result["failed_expectations"]
+    assert rule in message
+    assert str(layout.data_docs_dir / "index.html") in message
+    # executors pickle task exceptions; the result must survive
+    assert pickle.loads(pickle.dumps(err.value)).result == err.value.result
+
+
+def test_band_bounds_are_strict_and_per_encoder(cfg, layout):
+    # cap's band is (0.5, 0.9); 0.5 is exact in float32, so this is a value on the bound
+    write_mining(layout, [dict(candidate_rows()[0], sim=0.5)], encoder="cap")
+    with pytest.raises(ValidationFailed, match="sim_in_band"):
+        validate_stage("mining", cfg, layout, encoder="cap")
+    write_mining(layout, [dict(candidate_rows()[0], sim=0.93)], encoder="sem")
+    assert validate_stage("mining", cfg, layout, encoder="sem")["success"]
+    write_mining(layout, [dict(candidate_rows()[0], sim=0.93)], encoder="cap")
+    with pytest.raises(ValidationFailed, match="sim_in_band"):
+        validate_stage("mining", cfg, layout, encoder="cap")
+
+
+def test_wrong_types_and_missing_columns_fail_on_schema_rules(cfg, layout):
+    table = _table(image_rows(), IMAGES_SCHEMA)
+    table = table.set_column(
+        table.schema.get_field_index("width"), "width", table["width"].cast(pa.int64())
+    ).drop_columns(["mode"])
+    write_parquet(table, layout.images)
+    with pytest.raises(ValidationFailed) as err:
+        run("ingest", cfg, layout)
+    failed = err.value.result["failed_expectations"]
+    assert {"width_type", "columns_present", "mode_type"} <= set(failed)
+
+
+def test_list_column_with_wrong_item_type_fails(cfg, layout):
+    schema = dict(TRIPLETS_SCHEMA, sims=pa.list_(pa.float64()))
+    layout.triplets_dir.mkdir(parents=True)
+    write_parquet(_table(triplet_rows(), schema), layout.triplets_dir / "part-00000.parquet")
+    with pytest.raises(ValidationFailed) as err:
+        run("triplets", cfg, layout)
+    assert err.value.result["failed_expectations"] == ["sims_type"]
+
+
+def test_extra_column_in_released_triplets_fails(cfg, layout):
+    rows = [dict(r, secret="x") for r in triplet_rows()]
+    layout.triplets_dir.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows, schema=pa.schema(
+        list(TRIPLETS_SCHEMA.items()) + [("secret", pa.string())]))
+    write_parquet(table, layout.triplets_dir / "part-00000.parquet")
+    with pytest.raises(ValidationFailed, match="columns_match"):
+        run("triplets", cfg, layout)
+
+
+def test_ingest_with_no_images_fails(cfg, layout):
+    write_ingest(layout, [])
+    with pytest.raises(ValidationFailed, match="has_usable_images") as err:
+        run("ingest", cfg, layout)
+    assert err.value.result["failed_expectations"] == ["has_usable_images"]
+
+
+@pytest.mark.parametrize("stage", ["mining", "pairs"])
+def test_empty_mining_or_pairs_passes_with_a_warning(stage, cfg, layout):
+    WRITERS[stage][1](layout, [])
+    result = run(stage, cfg, layout)
+    assert result["success"] is True
+    assert result["rows"] == 0
+    assert len(result["warnings"]) == 1
+
+
+def test_triplets_without_parts_fail_as_nothing_to_publish(cfg, layout):
+    with pytest.raises(ValidationFailed, match="has_triplets"):
+        run("triplets", cfg, layout)
+    write_triplets(layout, [])
+    with pytest.raises(ValidationFailed, match="has_triplets"):
+        run("triplets", cfg, layout)
+
+
+def test_triplet_parts_are_read_together(cfg, layout):
+    rows = triplet_rows()
+    write_triplets(layout, rows, parts=4)
+    (layout.triplets_dir / ".part-00009.parquet.tmp").write_bytes(b"half-written")
+    assert run("triplets", cfg, layout)["rows"] == len(rows)
+    # a duplicate pair split across two parts is still a duplicate
+    write_triplets(layout, rows + [dict(rows[0])], parts=2)
+    with pytest.raises(ValidationFailed, match="pair_id_unique"):
+        run("triplets", cfg, layout)
+
+
+def test_triplet_parts_with_incompatible_schemas_fail_readably(cfg, layout):
+    rows = triplet_rows()
+    write_triplets(layout, rows[:2], parts=1)
+    bad = _table(rows[2:], TRIPLETS_SCHEMA)
+    # word_num as list<string> cannot be promoted to int32
+    bad = bad.set_column(bad.schema.get_field_index("word_num"), "word_num",
+                         pa.array([["x"]] * bad.num_rows))
+    write_parquet(bad, layout.triplets_dir / "part-00001.parquet")
+    with pytest.raises(ValidationFailed, match="part-00001.parquet") as err:
+        run("triplets", cfg, layout)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_artifact_is_reported_not_validated(cfg, layout):
+    with pytest.raises(FileNotFoundError, match="pairs output"):
+        run("pairs", cfg, layout)
+
+
+def test_importing_the_module_stays_light():
+    code = ("import sys, megapairs_ops.validate; "
+            "print(sorted(m for m in ('great_expectations', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_bad_arguments(cfg, layout):
+    with pytest.raises(ValueError, match="unknown stage"):
+        validate_stage("embed", cfg, layout)
+    with pytest.raises(ValueError, match="encoder"):
+        validate_stage("mining", cfg, layout)
+    write_mining(layout, candidate_rows(), encoder="nope")
+    with pytest.raises(KeyError, match="no encoder named 'nope'"):
+        validate_stage("mining", cfg, layout, encoder="nope")
+
+
+def test_rerun_and_docs_accumulate_across_stages(cfg, layout):
+    for stage, (rows, write) in WRITERS.items():
+        write(layout, rows())
+    for _ in range(2):
+        for stage in WRITERS:
+            assert run(stage, cfg, layout)["success"]
+    write_mining(layout, candidate_rows(), encoder="cap")
+    assert validate_stage("mining", cfg, layout, encoder="cap")["success"]
+    index = (layout.data_docs_dir / "index.html").read_text()
+    for suite in ("megapairs_ingest", "megapairs_mining_sem", "megapairs_mining_cap",
+                  "megapairs_pairs", "megapairs_triplets"):
+        assert suite in index
+    # the run is recorded under the run directory's name
+    assert layout.root.name in index
+    # no project id in the docs' asset URLs, analytics off in the project config
+    assert "dataContextId" not in index
+    project = (layout.gx_dir / "gx" / "great_expectations.yml").read_text()
+    assert "analytics_enabled: false" in project
+    validations = list((layout.gx_dir / "gx" / "uncommitted" / "validations").rglob("*.json"))
+    assert len(validations) == 2 * len(WRITERS) + 1
+
+
+def test_a_failure_then_a_fix_in_the_same_layout(cfg, layout):
+    rows = pair_rows()
+    rows[0]["hn_ids"].pop()
+    write_pairs(layout, rows)
+    with pytest.raises(ValidationFailed):
+        run("pairs", cfg, layout)
+    write_pairs(layout, pair_rows())
+    assert run("pairs", cfg, layout)["success"]
+
+
+def test_concurrent_threads_share_one_project(cfg, layout):
+    for enc in ("sem", "cap"):
+        write_mining(layout, candidate_rows(), encoder=enc)
+    write_pairs(layout, pair_rows())
+    jobs = [("mining", "sem"), ("mining", "cap"), ("pairs", None)] * 2
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda j: validate_stage(j[0], cfg, layout, encoder=j[1]), jobs))
+    assert all(r["success"] for r in results)
+
+
+def _validate_in_child(root: str, encoder: str, queue) -> None:
+    cfg = parse_config({"encoders": [{"name": "sem", "kind": "classic_color_layout"},
+                                     {"name": "cap", "kind": "classic_text_hash"}]})
+    try:
+        queue.put((encoder, validate_stage("mining", cfg, RunLayout(root), encoder=encoder)))
+    except BaseException as exc:  # report, never hang the parent
+        queue.put((encoder, repr(exc)))
+
+
+def test_concurrent_processes_keep_each_others_config(cfg, layout):
+    """Airflow runs tasks of one run as separate processes on one GX project: each must see
+    the others' assets and docs instead of overwriting them."""
+    write_ingest(layout, image_rows())
+    run("ingest", cfg, layout)  # this process now caches the project's context
+    for enc in ("sem", "cap"):
+        write_mining(layout, candidate_rows(), encoder=enc)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_validate_in_child, args=(str(layout.root), e, queue))
+             for e in ("sem", "cap")]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join()
+    assert all(isinstance(r, dict) and r["success"] for r in results.values()), results
+    # back in this process: the stale cached context must not drop the children's assets
+    write_pairs(layout, pair_rows())
+    assert run("pairs", cfg, layout)["success"]
+    config = (layout.gx_dir / "gx" / "great_expectations.yml").read_text()
+    for asset in ("megapairs_ingest", "megapairs_mining_sem", "megapairs_mining_cap",
+                  "megapairs_pairs"):
+        assert asset in config
+    index = (layout.data_docs_dir / "index.html").read_text()
+    assert "megapairs_mining_sem" in index and "megapairs_mining_cap" in index
