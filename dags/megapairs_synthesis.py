@@ -5,6 +5,7 @@ this file costs only the Airflow SDK import."""
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
@@ -53,10 +54,25 @@ def _ctx():
     return context_from_params(params["config"], params["corpus"], out, run_id=run_id)
 
 
+@contextmanager
+def _fail_without_retry_on_bad_input():
+    """Retrying cannot fix a bad config, an unusable corpus or data that fails its gate."""
+    from airflow.sdk.exceptions import AirflowFailException
+    from megapairs_ops.config import ConfigError
+    from megapairs_ops.ingest import IngestError
+    from megapairs_ops.validate import ValidationFailed
+
+    try:
+        yield
+    except (ConfigError, IngestError, ValidationFailed) as exc:
+        raise AirflowFailException(str(exc)) from exc
+
+
 def _run(stage: str, encoder: str | None = None) -> dict:
     from megapairs_ops.pipeline import run_stage
 
-    record = run_stage(_ctx(), stage, encoder)
+    with _fail_without_retry_on_bad_input():
+        record = run_stage(_ctx(), stage, encoder)
     # Only small summaries go to XCom; artifacts stay in the run directory.
     return {k: record.get(k) for k in ("stage", "rows_in", "rows_out", "seconds", "skipped")}
 
@@ -77,7 +93,8 @@ def megapairs_synthesis():
     @task
     def plan_encoders() -> list[str]:
         """Validate the config before any work starts and list the encoders to fan out over."""
-        return [e.name for e in _ctx().cfg.encoders]
+        with _fail_without_retry_on_bad_input():
+            return [e.name for e in _ctx().cfg.encoders]
 
     @task
     def ingest() -> dict:

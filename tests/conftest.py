@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.fixtures.corpus",
     "tests.fixtures.tiny_models",
     "tests.fixtures.llm_server",
+    "tests.fixtures.airflow",
 ]
