@@ -9,6 +9,7 @@ AIRFLOW_HOME_DIR := $(CURDIR)/.airflow
 DEMO_CORPUS := $(CURDIR)/data/sample_corpus
 DEMO_OUT := $(CURDIR)/runs/demo
 DEMO_N ?= 1000
+DEMO_CONF = {"corpus": "$(DEMO_CORPUS)", "config": "$(CURDIR)/configs/demo.yaml", "output_root": "$(CURDIR)/runs", "run_name": "demo"}
 PYTEST_ARGS ?=
 
 export AIRFLOW_HOME := $(AIRFLOW_HOME_DIR)
@@ -37,7 +38,9 @@ demo: $(STAMP)
 	@mkdir -p $(AIRFLOW_HOME_DIR)
 	$(BIN)/megapairs sample-corpus $(DEMO_CORPUS) --n $(DEMO_N) --seed 0
 	$(BIN)/airflow db migrate > $(AIRFLOW_HOME_DIR)/db-migrate.log 2>&1 || { cat $(AIRFLOW_HOME_DIR)/db-migrate.log; exit 1; }
-	$(BIN)/megapairs airflow-test --config configs/demo.yaml --corpus $(DEMO_CORPUS) --out $(DEMO_OUT)
+	$(BIN)/airflow dags test megapairs_synthesis --conf '$(DEMO_CONF)' > $(AIRFLOW_HOME_DIR)/demo-dag-test.log 2>&1 \
+		|| { tail -n 60 $(AIRFLOW_HOME_DIR)/demo-dag-test.log; echo "make demo: the DAG run failed; full log: $(AIRFLOW_HOME_DIR)/demo-dag-test.log"; exit 1; }
+	$(BIN)/megapairs summary $(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
