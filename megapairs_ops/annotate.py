@@ -31,12 +31,10 @@ from .annotation.backends import Backend, DescribeRequest, InstructRequest, make
 from .annotation.parsing import check_description, check_instructions, parse_instructions, word_count
 from .annotation.prompts import PROMPTS_ROOT, Demo, PromptSet, draw_demos, draw_word_num, load_prompt_set, seed_key
 from .config import PipelineConfig
-from .resources import StageResources
 from .storage import FAILURE_SCHEMA, RunLayout, load_status, merge_parts, read_json, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
-RESOURCES = StageResources(device="cpu", pool_key="llm")
 STAGE = "annotate"
 
 ANNOTATION_SCHEMA = pa.schema(

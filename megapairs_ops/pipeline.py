@@ -273,7 +273,7 @@ def write_run_stats(ctx: RunContext) -> dict:
         "triplets": publish.get("triplets"),
         "complete": "publish" in stages,
     }
-    write_json(stats, ctx.layout.stats)
+    write_json(stats, ctx.layout.stats, sort_keys=False)  # stages stay in pipeline order
     return stats
 
 

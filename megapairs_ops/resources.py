@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import WEIGHT_FREE_KINDS, PipelineConfig
+from .config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ STAGE_RESOURCES = {
 
 def stage_resources(cfg: PipelineConfig, stage: str, encoder: str | None = None) -> StageResources:
     if stage == "embed":
-        kind = cfg.encoder(encoder).kind if encoder else None
-        return CPU if kind in WEIGHT_FREE_KINDS else StageResources(device="gpu", pool_key="gpu")
+        from .encoders import encoder_resources
+
+        needs = encoder_resources(cfg.encoder(encoder).kind) if encoder else None
+        return StageResources(device="gpu", pool_key="gpu") if needs and needs.device != "cpu" else CPU
     return STAGE_RESOURCES[stage]
