@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -33,28 +33,22 @@ def _looks_like_local_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
 
 
-ENCODER_KINDS = (
+EncoderKind = Literal[
     "classic_color_layout",
     "classic_texture",
     "classic_text_hash",
     "clip_image",
     "clip_text",
     "dinov2",
-)
+]
+ENCODER_KINDS = get_args(EncoderKind)
 WEIGHT_FREE_KINDS = {"classic_color_layout", "classic_texture", "classic_text_hash"}
 TEXT_KINDS = {"classic_text_hash", "clip_text"}
 
 
 class EncoderConfig(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,63}$")]
-    kind: Literal[
-        "classic_color_layout",
-        "classic_texture",
-        "classic_text_hash",
-        "clip_image",
-        "clip_text",
-        "dinov2",
-    ]
+    kind: EncoderKind
     model: str | None = None
     revision: str | None = None
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 64

@@ -27,8 +27,16 @@ class BackendError(RuntimeError):
     """A backend cannot be set up at all (missing API key, unknown backend): stops the stage."""
 
 
+class _Seeded:
+    seed_key: str
+
+    @property
+    def seed(self) -> int:
+        return stable_hash(self.seed_key) % 2**31
+
+
 @dataclass(frozen=True)
-class DescribeRequest:
+class DescribeRequest(_Seeded):
     pair_id: str
     seed_key: str  # pair, run seed and attempt: a retry is a fresh sample, a re-run the same one
     prompt: str
@@ -38,23 +46,15 @@ class DescribeRequest:
     q_caption: str
     t_caption: str
 
-    @property
-    def seed(self) -> int:
-        return stable_hash(self.seed_key) % 2**31
-
 
 @dataclass(frozen=True)
-class InstructRequest:
+class InstructRequest(_Seeded):
     pair_id: str
     seed_key: str
     prompt: str
     description: str
     q_caption: str
     t_caption: str
-
-    @property
-    def seed(self) -> int:
-        return stable_hash(self.seed_key) % 2**31
 
 
 @dataclass(frozen=True)
