@@ -503,7 +503,11 @@ def _verify_all(items: Iterable[Item], cfg: IngestConfig, workers: int) -> Itera
 
 
 def ingest_corpus(
-    cfg: PipelineConfig, corpus: str | Path, layout: RunLayout, workers: int | None = None
+    cfg: PipelineConfig,
+    corpus: str | Path,
+    layout: RunLayout,
+    workers: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Verify and deduplicate a corpus into layout.images; problems go to the ingest quarantine part."""
     corpus = Path(os.path.abspath(Path(corpus).expanduser()))
@@ -517,8 +521,11 @@ def ingest_corpus(
     by_sha: dict[str, list[tuple]] = defaultdict(list)
     quarantine: list[tuple[str, str, str]] = []
     seen = 0
+    from tqdm.auto import tqdm
+
     try:
-        for ok, payload in _verify_all(items, icfg, workers):
+        # The corpus size is unknown until the readers finish, so the bar counts without a total.
+        for ok, payload in tqdm(_verify_all(items, icfg, workers), desc="ingest", unit="item", disable=not progress):
             seen += 1
             if ok:
                 by_sha[payload[0]].append(payload)

@@ -142,7 +142,7 @@ def _stage_function(stage: str) -> Callable[[RunContext, str | None], dict]:
     if stage == "ingest":
         from .ingest import ingest_corpus
 
-        return lambda ctx, enc: ingest_corpus(ctx.cfg, ctx.corpus, ctx.layout)
+        return lambda ctx, enc: ingest_corpus(ctx.cfg, ctx.corpus, ctx.layout, progress=ctx.progress)
     if stage == "embed":
         from .embed import embed_corpus
 
