@@ -1,57 +1,57 @@
 """MegaPairs synthesis DAG: wiring only. Every task calls a stage function of megapairs_ops.pipeline,
-the same functions the `megapairs run` CLI calls. Heavy imports happen inside the tasks, so parsing
-this file costs only the Airflow SDK import."""
+the same functions the `megapairs run` CLI calls. Parsing this file imports the Airflow SDK and
+reads the deployment settings (environment + the default profile's `resources`); stage code and
+its heavy libraries load inside the tasks.
+
+Scheduled and backfill runs write to OUTPUT_ROOT/<logical date>, manual runs to
+OUTPUT_ROOT/<run id> (or OUTPUT_ROOT/<run_name> when given), so runs never collide and re-running a
+date redoes only what changed in its own partition. Publishing updates the `megapairs_triplets`
+asset, so a training DAG can be scheduled on it.
+"""
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-DEFAULT_PARAMS = {
+from megapairs_ops.deployment import deployment_settings, partition_name
+
+SETTINGS = deployment_settings()
+TRIPLETS = Asset(name="megapairs_triplets", uri="file://" + SETTINGS.output_root.rstrip("/") + "/")
+
+PARAMS = {
     "corpus": Param(
-        "data/sample_corpus",
+        SETTINGS.default_corpus,
         type="string",
         minLength=1,
         title="Corpus",
         description="Image folder with sidecar captions, a manifest (Parquet/JSONL/CSV) or WebDataset tar(s).",
     ),
     "config": Param(
-        "configs/demo.yaml",
+        SETTINGS.default_config,
         type="string",
         minLength=1,
+        pattern=r"\.ya?ml$",
         title="Pipeline config",
         description="YAML profile: configs/demo.yaml (CPU, no downloads) or configs/megapairs.yaml (paper).",
     ),
     "output_root": Param(
-        "runs",
+        SETTINGS.output_root,
         type="string",
         minLength=1,
         title="Output root",
-        description="Each run writes into OUTPUT_ROOT/RUN_NAME.",
+        description="Runs write into OUTPUT_ROOT/<logical date> (scheduled, backfill) or OUTPUT_ROOT/<run id>.",
     ),
     "run_name": Param(
         "",
         type="string",
         pattern=r"^[A-Za-z0-9._-]*$",
         title="Run name",
-        description="Folder name of this run's outputs; empty means the Airflow run id.",
+        description="Optional partition name overriding the logical date / run id (letters, digits, . _ -).",
     ),
 }
-
-
-def _ctx():
-    """The pipeline's run context, rebuilt from the DAG run's params inside each task."""
-    from megapairs_ops.pipeline import context_from_params
-
-    context = get_current_context()
-    params = context["params"]
-    run_id = context["run_id"]
-    run_name = params.get("run_name") or re.sub(r"[^A-Za-z0-9._-]+", "_", run_id)
-    out = f"{params['output_root'].rstrip('/')}/{run_name}"
-    return context_from_params(params["config"], params["corpus"], out, run_id=run_id)
 
 
 @contextmanager
@@ -68,6 +68,19 @@ def _fail_without_retry_on_bad_input():
         raise AirflowFailException(str(exc)) from exc
 
 
+def _ctx():
+    """The pipeline's run context, rebuilt from the DAG run inside each task."""
+    from megapairs_ops.pipeline import context_from_params
+
+    context = get_current_context()
+    params, dag_run = context["params"], context["dag_run"]
+    part = partition_name(
+        dag_run.run_id, str(dag_run.run_type), getattr(dag_run, "logical_date", None), params.get("run_name", "")
+    )
+    out = f"{params['output_root'].rstrip('/')}/{part}"
+    return context_from_params(params["config"], params["corpus"], out, run_id=dag_run.run_id)
+
+
 def _run(stage: str, encoder: str | None = None) -> dict:
     from megapairs_ops.pipeline import run_stage
 
@@ -80,12 +93,16 @@ def _run(stage: str, encoder: str | None = None) -> dict:
 @dag(
     dag_id="megapairs_synthesis",
     description="Synthesise MegaPairs-style (query image, instruction, target image) triplets",
-    schedule=None,
+    schedule=SETTINGS.schedule,
     start_date=datetime(2025, 1, 1),
     catchup=False,
-    max_active_runs=1,
-    params=DEFAULT_PARAMS,
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
+    max_active_runs=SETTINGS.max_active_runs,
+    params=PARAMS,
+    default_args={
+        "retries": SETTINGS.retries,
+        "retry_delay": timedelta(seconds=SETTINGS.retry_delay_s),
+        "retry_exponential_backoff": True,
+    },
     tags=["megapairs"],
     doc_md=__doc__,
 )
@@ -100,7 +117,7 @@ def megapairs_synthesis():
     def ingest() -> dict:
         return _run("ingest")
 
-    @task(map_index_template="{{ task.op_kwargs['encoder'] }}")
+    @task(queue=SETTINGS.gpu_queue, pool=SETTINGS.gpu_pool, map_index_template="{{ task.op_kwargs['encoder'] }}")
     def embed(encoder: str) -> str:
         _run("embed", encoder)
         return encoder
@@ -114,13 +131,20 @@ def megapairs_synthesis():
     def pairs(mined: list[str]) -> dict:
         return _run("pairs")
 
-    @task
+    @task(pool=SETTINGS.llm_pool)
     def annotate() -> dict:
         return _run("annotate")
 
-    @task
+    @task(outlets=[TRIPLETS])
     def publish() -> dict:
-        return _run("publish")
+        summary = _run("publish")
+        ctx = _ctx()
+        get_current_context()["outlet_events"][TRIPLETS].extra = {
+            "run_dir": str(ctx.layout.root),
+            "triplets": summary.get("rows_out"),
+            "run_id": ctx.run_id,
+        }
+        return summary
 
     encoders = plan_encoders()
     ingested = ingest()

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file and print it resolved")
     p.add_argument("config")
 
+    p = sub.add_parser("airflow-pools", help="create or update the Airflow pools a profile routes tasks to")
+    p.add_argument("--config", required=True)
+
     p = sub.add_parser("summary", help="print where a run's outputs are; non-zero if the run is incomplete")
     p.add_argument("run_dir")
     return parser
@@ -82,6 +85,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "summary":
         return _summary(Path(args.run_dir))
+    if args.command == "airflow-pools":
+        return _airflow_pools(load_config(args.config))
 
     ctx = pipeline.context_from_params(
         args.config, args.corpus, args.out, run_id=args.run_id, progress=sys.stderr.isatty()
@@ -98,6 +103,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(record, default=str))
         return 0
     raise AssertionError(args.command)
+
+
+def _airflow_pools(cfg) -> int:
+    import shutil
+    import subprocess
+
+    from .deployment import pool_specs
+
+    airflow = shutil.which("airflow") or str(Path(sys.executable).with_name("airflow"))
+    for name, slots, description in pool_specs(cfg.resources):
+        subprocess.run([airflow, "pools", "set", name, str(slots), description], check=True)
+        print(f"pool {name}: {slots} slots")
+    return 0
 
 
 def _summary(run_dir: Path) -> int:

@@ -184,9 +184,13 @@ class ValidationConfig(_Strict):
 class ResourcesConfig(_Strict):
     """Where Airflow should run each kind of task (queues and pools of a deployment)."""
 
-    gpu_queue: str = "default"
-    gpu_pool: str = "default_pool"
-    llm_pool: str = "default_pool"
+    gpu_queue: str = "gpu"
+    gpu_pool: str = "gpu"
+    llm_pool: str = "llm"
+    # Slots of the pools that `megapairs airflow-pools` creates: GPU tasks in parallel, and annotation
+    # tasks sharing the inference servers.
+    gpu_pool_slots: Annotated[int, Field(ge=1)] = 1
+    llm_pool_slots: Annotated[int, Field(ge=1)] = 4
 
 
 class PipelineConfig(_Strict):

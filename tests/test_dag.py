@@ -7,7 +7,7 @@ import pytest
 from megapairs_ops.storage import RunLayout, read_json
 from tests.fixtures.airflow import REPO, run_airflow_python
 
-HEAVY = ["torch", "faiss", "transformers", "great_expectations", "duckdb", "polars", "megapairs_ops"]
+HEAVY = ["torch", "faiss", "transformers", "great_expectations", "duckdb", "polars", "megapairs_ops.pipeline"]
 
 
 def test_dag_integrity_and_light_parsing(airflow_home):
@@ -26,6 +26,11 @@ def test_dag_integrity_and_light_parsing(airflow_home):
             "heavy": [m for m in {HEAVY!r} if m in sys.modules],
             "catchup": dag.catchup,
             "retries": dag.default_args.get("retries"),
+            "schedule": str(getattr(dag, "schedule", None)),
+            "max_active_runs": dag.max_active_runs,
+            "pools": {{t.task_id: t.pool for t in dag.tasks}},
+            "queues": {{t.task_id: t.queue for t in dag.tasks}},
+            "outlets": [getattr(o, "name", None) for o in dag.get_task("publish").outlets],
         }}))
         """
     )
@@ -43,6 +48,37 @@ def test_dag_integrity_and_light_parsing(airflow_home):
     # Parsing the DAG must not pull in the pipeline's heavy libraries.
     assert info["heavy"] == []
     assert info["catchup"] is False and info["retries"] >= 1
+    assert info["schedule"] == "@weekly" and info["max_active_runs"] == 1
+    assert info["outlets"] == ["megapairs_triplets"]
+    # The demo profile routes everything to Airflow's defaults.
+    assert set(info["pools"].values()) == {"default_pool"}
+
+
+def test_routing_follows_the_default_profile(airflow_home):
+    code = textwrap.dedent(
+        f"""
+        import json
+        from airflow.dag_processing.dagbag import DagBag
+        dag = DagBag(dag_folder={str(REPO / "dags")!r}).get_dag("megapairs_synthesis")
+        print(json.dumps({{t.task_id: [t.queue, t.pool] for t in dag.tasks}}))
+        """
+    )
+    import os
+
+    old = os.environ.get("MEGAPAIRS_CONFIG")
+    os.environ["MEGAPAIRS_CONFIG"] = str(REPO / "configs" / "megapairs.yaml")
+    try:
+        proc = run_airflow_python(airflow_home, code)
+    finally:
+        if old is None:
+            os.environ.pop("MEGAPAIRS_CONFIG")
+        else:
+            os.environ["MEGAPAIRS_CONFIG"] = old
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    routing = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert routing["embed"] == ["gpu", "gpu"]
+    assert routing["annotate"][1] == "llm"
+    assert routing["ingest"][1] == "default_pool" and routing["pairs"][1] == "default_pool"
 
 
 @pytest.mark.slow
