@@ -214,6 +214,12 @@ def run_stage(ctx: RunContext, stage: str, encoder: str | None = None, force: bo
                 _withdraw_triplets(ctx.layout)
             raise
         stats["validation"] = {k: result[k] for k in ("suite", "success", "evaluated") if k in result}
+    if stage == "publish":
+        from .catalogue import record_version
+
+        # Only a publication that passed its gate becomes a dataset version.
+        manifest = record_version(ctx.cfg, ctx.layout, ctx.run_id)
+        stats["version"] = {k: manifest[k] for k in ("version", "parent", "added", "carried_over")}
     rows_in, rows_out = ROW_KEYS[stage]
     stats.setdefault("rows_in", stats.get(rows_in))
     stats.setdefault("rows_out", stats.get(rows_out))

@@ -1,0 +1,1 @@
+SELECT parent, published_at FROM versions WHERE version = $version;

@@ -1,0 +1,77 @@
+"""Dataset versions and the published-pairs catalogue across runs under one output root."""
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from megapairs_ops.annotate import ANNOTATION_SCHEMA
+from megapairs_ops.catalogue import catalogue_path, open_catalogue, reusable_annotations
+from megapairs_ops.cli import main
+from megapairs_ops.config import load_config
+from megapairs_ops.storage import RunLayout, read_json
+from tests.test_pipeline import DEMO
+
+
+@pytest.fixture(scope="module")
+def two_versions(sample_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("versions")
+    grown = root / "grown_corpus"
+    shutil.copytree(sample_corpus, grown)
+    # 10% more images: copies of existing files under new names would be exact duplicates, so
+    # take a second generated corpus's images instead.
+    from megapairs_ops.sample_corpus import generate_sample_corpus
+
+    extra = generate_sample_corpus(root / "extra", n=12, seed=99)
+    for src in sorted((root / "extra" / "images").iterdir()):
+        shutil.copy(src, grown / "images" / f"new_{src.name}")
+    assert extra["n"] == 12
+    out = root / "runs"
+    assert main(["run", "--config", DEMO, "--corpus", str(sample_corpus), "--out", str(out / "v1")]) == 0
+    assert main(["run", "--config", DEMO, "--corpus", str(grown), "--out", str(out / "v2")]) == 0
+    return RunLayout(out / "v1"), RunLayout(out / "v2")
+
+
+@pytest.mark.slow
+def test_second_version_names_its_parent_and_counts_what_it_added(two_versions):
+    v1, v2 = two_versions
+    m1, m2 = read_json(v1.root / "manifest.json"), read_json(v2.root / "manifest.json")
+    assert m1["parent"] is None and m1["added"] == m1["triplets"] > 0
+    assert m2["parent"] == "v1" and m2["version"] == "v2"
+    t1 = {r["pair_id"] for r in pq.read_table(v1.triplets_dir, columns=["pair_id"]).to_pylist()}
+    t2 = {r["pair_id"] for r in pq.read_table(v2.triplets_dir, columns=["pair_id"]).to_pylist()}
+    assert m2["added"] == len(t2 - t1) and m2["carried_over"] == len(t2 & t1) > 0
+    assert m2["models"]["describe"] == "template:template-baseline-v1"
+    assert m2["prompt_versions"] == ["v1"]
+
+
+@pytest.mark.slow
+def test_catalogue_offers_published_annotations_for_reuse(two_versions):
+    v1, v2 = two_versions
+    cfg = load_config(DEMO)
+    assert catalogue_path(cfg, v2) == v2.root.parent / "catalogue.duckdb"
+    reusable = reusable_annotations(cfg, v2, ANNOTATION_SCHEMA)
+    # v2's pairs were all published (by v1 first, or by v2 itself): every one is reusable, with the
+    # instructions of its first publication.
+    first = {r["pair_id"]: r for r in pq.read_table(v2.triplets_dir).to_pylist()}
+    first.update({r["pair_id"]: r for r in pq.read_table(v1.triplets_dir).to_pylist() if r["pair_id"] in first})
+    rows = reusable.to_pylist()
+    assert {r["pair_id"] for r in rows} == set(first)
+    for row in rows:
+        assert row["instructions"] == first[row["pair_id"]]["q_text"]
+        assert row["description"] == first[row["pair_id"]]["description"]
+    with open_catalogue(catalogue_path(cfg, v2)) as con:
+        versions = con.execute("SELECT version, parent FROM versions ORDER BY published_at, version").fetchall()
+        dup = con.execute("SELECT count(*) - count(DISTINCT pair_id) FROM published_pairs").fetchone()[0]
+    assert versions == [("v1", None), ("v2", "v1")]
+    assert dup == 0
+
+
+@pytest.mark.slow
+def test_republishing_a_version_keeps_its_lineage(two_versions, sample_corpus):
+    v1, _ = two_versions
+    before = read_json(v1.root / "manifest.json")
+    assert main(["run", "--config", DEMO, "--corpus", str(sample_corpus), "--out", str(v1.root), "--force"]) == 0
+    after = read_json(v1.root / "manifest.json")
+    assert after["parent"] == before["parent"] and after["published_at"] == before["published_at"]
+    assert after["triplets"] == before["triplets"] and after["added"] == before["added"]
