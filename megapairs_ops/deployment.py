@@ -55,13 +55,15 @@ def deployment_settings(env: dict[str, str] | None = None) -> DeploymentSettings
 
 
 def partition_name(
-    run_id: str, run_type: str | None, logical_date: datetime | None, run_name: str = ""
+    run_id: str, run_type: object, logical_date: datetime | None, run_name: str = ""
 ) -> str:
     """Where a DAG run writes: scheduled and backfill runs by logical date, so backfills of several
     dates never collide and re-running a date reuses (and atomically replaces) its partition;
     manual runs by run id; an explicit run name wins."""
     if run_name:
         return run_name
+    # The task SDK hands a DagRunType enum whose str() is 'DagRunType.BACKFILL_JOB': compare values.
+    run_type = getattr(run_type, "value", run_type)
     if run_type in ("scheduled", "backfill") and logical_date is not None:
         if (logical_date.hour, logical_date.minute, logical_date.second) == (0, 0, 0):
             return logical_date.strftime("%Y-%m-%d")

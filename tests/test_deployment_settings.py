@@ -20,6 +20,11 @@ def test_partitions_never_collide():
     day = datetime(2026, 3, 2, tzinfo=timezone.utc)
     assert partition_name("scheduled__2026-03-02T00:00:00+00:00", "scheduled", day) == "2026-03-02"
     assert partition_name("backfill__2026-03-02T00:00:00+00:00", "backfill", day) == "2026-03-02"
+    from airflow.sdk.api.datamodels._generated import DagRunType
+
+    # What a task actually sees: an enum whose str() is not its value.
+    assert partition_name("backfill__x", DagRunType.BACKFILL, day) == "2026-03-02"
+    assert partition_name("scheduled__x", DagRunType.SCHEDULED, day) == "2026-03-02"
     hourly = datetime(2026, 3, 2, 6, tzinfo=timezone.utc)
     assert partition_name("scheduled__x", "scheduled", hourly) == "2026-03-02T06-00-00"
     assert partition_name("manual__2026-03-02T10:11:12+00:00", "manual", day) == "manual__2026-03-02T10_11_12_00_00"
