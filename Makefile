@@ -11,6 +11,7 @@ DEMO_OUT := $(CURDIR)/runs/demo
 DEMO_N ?= 1000
 DEMO_CONF = {"corpus": "$(DEMO_CORPUS)", "config": "$(CURDIR)/configs/demo.yaml", "output_root": "$(CURDIR)/runs", "run_name": "demo"}
 PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export AIRFLOW_HOME := $(AIRFLOW_HOME_DIR)
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
@@ -42,7 +43,12 @@ demo: $(STAMP)
 		|| { tail -n 60 $(AIRFLOW_HOME_DIR)/demo-dag-test.log; echo "make demo: the DAG run failed; full log: $(AIRFLOW_HOME_DIR)/demo-dag-test.log"; exit 1; }
 	$(BIN)/megapairs summary $(DEMO_OUT)
 
+# The report's browser test needs headless Chromium (Debian packages chromium, chromium-driver).
 test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "make test: installing chromium for the report's browser test"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

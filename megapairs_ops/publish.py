@@ -1,14 +1,17 @@
 """Publish: triplets in the released record format plus provenance, a JSONL export, and the merged
-quarantine and failure tables of the whole run."""
+quarantine and failure tables of the whole run. Curators' rejections (megapairs_ops.curation) are
+applied here, so the next publish after a curator edits the rejects file leaves those pairs out."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import PipelineConfig
+from .curation import apply_curation, rejects_path
 from .sqlfiles import sql
 from .storage import (
     FAILURE_SCHEMA,
@@ -17,6 +20,7 @@ from .storage import (
     atomic_dir,
     atomic_path,
     merge_parts,
+    write_json,
 )
 
 
@@ -44,17 +48,34 @@ TRIPLET_SCHEMA = pa.schema(
 RELEASED_FIELDS = ("q_img", "q_text", "t_img", "hns")
 
 
+def run_config_path(layout: RunLayout) -> Path:
+    """The resolved config of the run's last publish, so `megapairs report RUN_DIR` needs no
+    --config."""
+    return layout.reports_dir / "run_config.json"
+
+
+def write_run_config(cfg: PipelineConfig, layout: RunLayout) -> None:
+    data = cfg.model_dump(mode="json")
+    path = rejects_path(cfg)
+    data["curation"]["rejects_file"] = str(path) if path else None  # valid from any directory
+    write_json(data, run_config_path(layout))
+
+
 def publish_triplets(cfg: PipelineConfig, layout: RunLayout, run_id: str) -> dict:
     import duckdb
 
+    write_run_config(cfg, layout)
     params = {
         "pairs": str(layout.pairs),
         "images": str(layout.images),
         "annotations": str(layout.annotations),
     }
     rows = parts = 0
-    con = duckdb.connect()
+    spill = layout.root / "tmp" / "duckdb"
+    spill.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(config={"memory_limit": cfg.pairs.memory_limit, "temp_directory": str(spill)})
     try:
+        curation = apply_curation(con, cfg, layout)
         con.execute(sql("hard_negative_paths"), {"pairs": params["pairs"], "images": params["images"]})
         reader = con.sql(
             sql("triplets_released_format"), params={**params, "run_id": run_id}
@@ -77,7 +98,8 @@ def publish_triplets(cfg: PipelineConfig, layout: RunLayout, run_id: str) -> dic
 
     quarantined = merge_parts(layout.root / "quarantine", QUARANTINE_SCHEMA, layout.quarantine)
     failed = merge_parts(layout.root / "failures", FAILURE_SCHEMA, layout.failures)
-    return {"triplets": rows, "parts": parts, "quarantined": quarantined, "failed": failed, "run_id": run_id}
+    return {"triplets": rows, "parts": parts, "quarantined": quarantined, "failed": failed, "run_id": run_id,
+            "curation": curation}
 
 
 def _rebatch(reader: pa.RecordBatchReader, size: int):

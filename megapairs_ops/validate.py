@@ -32,11 +32,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import PipelineConfig
-from .storage import RunLayout
+from .config import MaxGate, PipelineConfig
+from .storage import RunLayout, read_json, write_json
 
 if TYPE_CHECKING:
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "mining", "pairs", "triplets")
 DOCS_SITE = "megapairs"
@@ -132,6 +134,8 @@ class Rule:
     expectation: str
     kwargs: dict[str, Any]
     description: str
+    # "warn": a broken rule is reported and the stage still passes (GX severity "warning").
+    severity: str = "fail"
 
 
 @dataclass
@@ -139,6 +143,8 @@ class _Batch:
     df: pd.DataFrame
     rules: list[Rule]
     warnings: list[str] = field(default_factory=list)
+    # One record per configured gate (see `_gate`), evaluated or not.
+    gates: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- helper columns (pyarrow)
@@ -319,6 +325,65 @@ def _ne(a: str, b: str) -> Any:
 
 HEX16, HEX64 = r"^[0-9a-f]{16}$", r"^[0-9a-f]{64}$"
 
+# How a gate's figure is read off its helper column: run-level figures ride along as constant
+# columns (so GX reports them as observed values in Data Docs), per-row figures are aggregated.
+_AGGREGATES = {"max": "ExpectColumnMaxToBeBetween", "min": "ExpectColumnMinToBeBetween",
+               "mean": "ExpectColumnMeanToBeBetween"}
+
+
+def _gate(
+    cfg: PipelineConfig,
+    key: str,
+    column: str,
+    what: str,
+    observed: float | None,
+    rows: int,
+    aggregate: str | None = None,
+    name: str | None = None,
+    detail: str = "",
+) -> tuple[Rule | None, dict[str, Any]]:
+    """The rule for gate `gates.<key>` on helper column `column`, and the gate's record for
+    results, stats and the report. A gate whose threshold is null is off; one judged on fewer
+    than `gates.min_rows` rows is skipped (a share of a handful of rows says nothing)."""
+    gate = getattr(cfg.gates, key)
+    bound = "max" if isinstance(gate, MaxGate) else "min"
+    threshold = getattr(gate, bound)
+    record: dict[str, Any] = {
+        "gate": name or key, "config": f"gates.{key}", "what": what, "severity": gate.severity,
+        "bound": bound, "threshold": threshold, "observed": observed, "rows": rows,
+        "detail": detail, "status": "pending",
+    }
+    if threshold is None:
+        record["status"] = "off"
+        return None, record
+    if rows < cfg.gates.min_rows:
+        record["status"] = "skipped"
+        record["detail"] = f"{rows} rows < gates.min_rows ({cfg.gates.min_rows})"
+        return None, record
+    sign = "<=" if bound == "max" else ">="
+    rule = Rule(
+        record["gate"], _AGGREGATES[aggregate or bound], {"column": column, f"{bound}_value": threshold},
+        f"{what} {sign} {threshold} (gates.{key}, {gate.severity})", severity=gate.severity,
+    )
+    return rule, record
+
+
+def _constant(value: float | None, n: int) -> np.ndarray:
+    return np.full(n, np.nan if value is None else value, dtype=np.float64)
+
+
+def _rows(path: Path) -> int:
+    return pq.read_metadata(path).num_rows if Path(path).is_file() else 0
+
+
+def _top_counts(path: Path, column: str, top: int = 3) -> str:
+    """'a: 3, b: 1' for the most frequent values of `column` in a problems table."""
+    if not Path(path).is_file():
+        return ""
+    counts = pc.value_counts(pq.read_table(path, columns=[column]).column(column).combine_chunks())
+    pairs = sorted(((c["values"].as_py(), c["counts"].as_py()) for c in counts), key=lambda x: -x[1])
+    return ", ".join(f"{v}: {n}" for v, n in pairs[:top])
+
 
 # ---------------------------------------------------------------- stages
 
@@ -349,7 +414,41 @@ def _ingest_batch(cfg: PipelineConfig, layout: RunLayout) -> _Batch:
         _between("height_min_side", "height", f"height >= ingest.min_side ({m})", min_value=m),
         _between("file_bytes_positive", "file_bytes", "file_bytes > 0", min_value=1),
     ]
-    return _Batch(_to_pandas(_with_helpers(table, type_helpers)), rules)
+    gate_rules, gates, figures = _ingest_gates(cfg, layout, table)
+    table = _with_helpers(table, figures)
+    return _Batch(_to_pandas(_with_helpers(table, type_helpers)), rules + gate_rules, gates=gates)
+
+
+def _ingest_gates(
+    cfg: PipelineConfig, layout: RunLayout, table: pa.Table
+) -> tuple[list[Rule], list[dict[str, Any]], dict[str, Any]]:
+    """Quarantine and exact-duplicate rates over every input ingest saw (usable images, the
+    copies collapsed into them, and the quarantined inputs)."""
+    n = table.num_rows
+    try:
+        duplicates = int(_lengths(_combined(table, "duplicate_paths")).sum())
+    except (KeyError, pa.ArrowException):
+        duplicates = 0
+    quarantine = layout.quarantine_part("ingest")
+    quarantined = _rows(quarantine)
+    items = n + duplicates + quarantined
+    rates = {
+        "quarantine_rate": quarantined / items if items else None,
+        "duplicate_rate": duplicates / items if items else None,
+    }
+    details = {
+        "quarantine_rate": f"{quarantined} of {items} inputs quarantined"
+        + (f" ({_top_counts(quarantine, 'reason')})" if quarantined else ""),
+        "duplicate_rate": f"{duplicates} of {items} inputs were exact copies of another",
+    }
+    whats = {"quarantine_rate": "share of inputs quarantined",
+             "duplicate_rate": "share of inputs that are exact duplicates"}
+    rules, gates = [], []
+    for key, value in rates.items():
+        rule, record = _gate(cfg, key, key, whats[key], value, items, detail=details[key])
+        rules += [rule] if rule else []
+        gates.append(record)
+    return rules, gates, {k: _constant(v, n) for k, v in rates.items()}
 
 
 def _mining_batch(cfg: PipelineConfig, layout: RunLayout, encoder: str) -> _Batch:
@@ -420,7 +519,37 @@ def _pairs_batch(cfg: PipelineConfig, layout: RunLayout) -> _Batch:
             "every sims[j] is strictly inside the band of encoders[j]"),
     ]
     warn = [] if table.num_rows else ["pairs table is empty: no pair survived mining and dedup"]
-    return _Batch(_to_pandas(_with_helpers(table, type_helpers)), rules, warn)
+    gate_rules, gates, found = _encoder_share_gates(cfg, table)
+    table = _with_helpers(table, found)
+    return _Batch(_to_pandas(_with_helpers(table, type_helpers)), rules + gate_rules, warn, gates)
+
+
+def _encoder_share_gates(
+    cfg: PipelineConfig, table: pa.Table
+) -> tuple[list[Rule], list[dict[str, Any]], dict[str, Any]]:
+    """Per encoder, the share of pairs it found: an encoder that silently stopped working
+    (constant vectors, a wrong band) finds next to none."""
+    n = table.num_rows
+    try:
+        encoders = _combined(table, "encoders")
+        parents, flat = _parents(encoders), pc.list_flatten(encoders)
+    except (KeyError, pa.ArrowException):
+        return [], [], {}
+    rules, gates, helpers = [], [], {}
+    for enc in (e.name for e in cfg.encoders):
+        hits = pc.fill_null(pc.equal(flat, enc), False).to_numpy(zero_copy_only=False)
+        found = (_row_counts(parents, hits, n) > 0).astype(np.float64)
+        column = f"found_by__{enc}"
+        helpers[column] = found
+        share = float(found.mean()) if n else None
+        rule, record = _gate(
+            cfg, "encoder_share", column, f"share of pairs found by encoder '{enc}'", share, n,
+            aggregate="mean", name=f"encoder_share_{enc}",
+            detail=f"{int(found.sum())} of {n} pairs found by '{enc}'",
+        )
+        rules += [rule] if rule else []
+        gates.append(record)
+    return rules, gates, helpers
 
 
 def _read_triplets(layout: RunLayout) -> pa.Table:
@@ -448,6 +577,9 @@ def _read_triplets(layout: RunLayout) -> pa.Table:
 
 def _triplets_batch(cfg: PipelineConfig, layout: RunLayout) -> _Batch:
     table = _read_triplets(layout)
+    figures = _instruction_figures(cfg, layout, table)
+    failed, attempted = _annotate_outcomes(layout)
+    failure_rate = failed / attempted if attempted else None
     helpers = {
         "q_ne_t_img": _ne("q_img", "t_img"),
         "hns0_is_q": lambda t: pc.fill_null(
@@ -460,6 +592,11 @@ def _triplets_batch(cfg: PipelineConfig, layout: RunLayout) -> _Batch:
         "n_blank_instructions": lambda t: _blank_counts(_combined(t, "q_text")),
         "sims_in_band": lambda t: _sims_in_band(
             _combined(t, "encoders"), _combined(t, "sims"), cfg),
+        # gate figures; left out (and their rules fail naming them) when q_text is unusable
+        "instruction_share": lambda t: figures["instruction_share_per_row"],
+        "opening_share": lambda t: figures["opening_share_per_row"],
+        "distinct_2gram_ratio": lambda t: _constant(figures["distinct_2"], t.num_rows),
+        "failure_rate": lambda t: _constant(failure_rate, t.num_rows),
     }
     table = _derive(table, helpers)
     rules, type_helpers = _schema_rules(table, TRIPLETS_SCHEMA, exact_with=list(helpers))
@@ -486,7 +623,52 @@ def _triplets_batch(cfg: PipelineConfig, layout: RunLayout) -> _Batch:
         _unique("q_t_img_unique", "q_img", "t_img"),
         _unique("pair_id_unique", "pair_id"),
     ]
-    return _Batch(_to_pandas(_with_helpers(table, type_helpers)), rules)
+    n_rows = table.num_rows
+    f = figures or {}
+    top = (f.get("top_instructions") or [{}])[0]
+    opening = (f.get("top_openings") or [{}])[0]
+    specs = [
+        ("mean_instructions", "n_instructions", "mean instructions per triplet",
+         pc.mean(table.column("n_instructions")).as_py() if "n_instructions" in table.column_names else None,
+         n_rows, "mean", ""),
+        ("instruction_share", "instruction_share", "share of triplets holding the most common instruction",
+         f.get("instruction_share"), n_rows, None,
+         f"{top.get('instruction', '')!r} in {top.get('pairs', 0)} of {n_rows} triplets" if top else ""),
+        ("opening_share", "opening_share", "share of instructions opening with the most common three words",
+         f.get("opening_share"), n_rows, None,
+         f"{opening.get('opening', '')!r} opens {opening.get('instructions', 0)} of "
+         f"{f.get('instructions', 0)} instructions" if opening else ""),
+        ("distinct_2gram_ratio", "distinct_2gram_ratio", "distinct word bigrams / all bigrams (sample)",
+         f.get("distinct_2"), n_rows, None,
+         f"on a seeded sample of {f.get('distinct_n_sample', 0)} instructions"),
+        ("failure_rate", "failure_rate", "share of annotated pairs that failed annotation",
+         failure_rate, attempted, None,
+         f"{failed} of {attempted} pairs failed"
+         + (f" ({_top_counts(layout.failures_part('annotate'), 'reason')})" if failed else "")),
+    ]
+    gate_rules, gates = [], []
+    for key, column, what, observed, rows, aggregate, detail in specs:
+        rule, record = _gate(cfg, key, column, what, observed, rows, aggregate, detail=detail)
+        gate_rules += [rule] if rule else []
+        gates.append(record)
+    return _Batch(_to_pandas(_with_helpers(table, type_helpers)), rules + gate_rules, gates=gates)
+
+
+def _instruction_figures(cfg: PipelineConfig, layout: RunLayout, table: pa.Table) -> dict[str, Any] | None:
+    from .instruction_stats import instruction_stats
+
+    try:
+        return instruction_stats(table, per_row=True, top=1, spill_dir=layout.root / "tmp" / "duckdb",
+                                 memory_limit=cfg.pairs.memory_limit)
+    except Exception as exc:  # a malformed q_text is the schema rules' to report, not a crash
+        log.debug("instruction statistics unavailable: %s", exc)
+        return None
+
+
+def _annotate_outcomes(layout: RunLayout) -> tuple[int, int]:
+    """(pairs that failed annotation, pairs annotation finished with: accepted + failed)."""
+    failed = _rows(layout.failures_part("annotate"))
+    return failed, failed + _rows(layout.annotations)
 
 
 def _strip_lists(lists: pa.Array) -> pa.Array:
@@ -635,7 +817,8 @@ def _build_expectation(rule: Rule) -> Any:
     cls = getattr(gxe, rule.expectation)
     # The rule name leads the description so Data Docs and the error line use the same words.
     return cls(**rule.kwargs, meta={"rule": rule.name},
-               description=f"[{rule.name}] {rule.description}")
+               description=f"[{rule.name}] {rule.description}",
+               severity="warning" if rule.severity == "warn" else "critical")
 
 
 def _run_checkpoint(layout: RunLayout, suite_name: str, batch: _Batch) -> tuple[Any, Path]:
@@ -734,24 +917,76 @@ def validate_stage(
     (validation,) = checkpoint_result.run_results.values()
     # In suite order, so schema problems come first in the error line.
     order = {rule.name: i for i, rule in enumerate(batch.rules)}
-    failed = sorted(
+    severity = {rule.name: rule.severity for rule in batch.rules}
+    broken = sorted(
         (r for r in validation.results if not r.success),
         key=lambda r: order.get(_rule_name(r), len(order)),
     )
+    failed = [r for r in broken if severity.get(_rule_name(r), "fail") == "fail"]
+    warned = [r for r in broken if severity.get(_rule_name(r), "fail") == "warn"]
+    gates = _gate_outcomes(batch.gates, validation.results)
+    by_gate = {g["gate"]: g for g in gates}
     summary = {
         "suite": name,
-        "success": bool(validation.success),
+        "success": not failed,
         "rows": len(batch.df),
         "evaluated": len(validation.results),
         "failed_expectations": [_rule_name(r) for r in failed],
-        "warnings": batch.warnings,
+        "warned_expectations": [_rule_name(r) for r in warned],
+        "warnings": batch.warnings + [
+            f"{stage} gate {_describe_gate(by_gate[_rule_name(r)])}" for r in warned
+        ],
+        "gates": gates,
         "data_docs": str(index),
     }
-    if not summary["success"]:
-        what = "; ".join(_describe_failure(r, SCHEMAS[stage]) for r in failed)
+    # Kept beside the Data Docs so the curator report shows every gate, passed or not.
+    write_json(summary, gate_results_path(layout, name))
+    if failed:
+        what = "; ".join(
+            _describe_gate(by_gate[_rule_name(r)]) if _rule_name(r) in by_gate
+            else _describe_failure(r, SCHEMAS[stage])
+            for r in failed
+        )
         raise ValidationFailed(
             f"{stage} validation failed (suite {name}, {len(failed)} of "
             f"{summary['evaluated']} expectations): {what}; Data Docs: {index}",
             summary,
         )
     return summary
+
+
+def gate_results_path(layout: RunLayout, suite: str) -> Path:
+    return Path(layout.reports_dir) / "gates" / f"{suite}.json"
+
+
+def load_gate_results(layout: RunLayout) -> list[dict[str, Any]]:
+    """Every suite's latest result in this run (as `validate_stage` returned or raised it)."""
+    folder = Path(layout.reports_dir) / "gates"
+    return [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def _gate_outcomes(gates: list[dict[str, Any]], results: list[Any]) -> list[dict[str, Any]]:
+    """Each gate's status from its GX result; GX's observed value wins over ours."""
+    by_rule = {_rule_name(r): r for r in results}
+    out = []
+    for gate in gates:
+        gate = dict(gate)
+        res = by_rule.get(gate["gate"])
+        if res is not None:
+            observed = (res.result or {}).get("observed_value")
+            if isinstance(observed, (int, float, np.number)) and not isinstance(observed, bool):
+                gate["observed"] = float(observed)
+            gate["status"] = "pass" if res.success else gate["severity"]
+        elif gate["status"] == "pending":
+            gate["status"] = "skipped"
+        out.append(gate)
+    return out
+
+
+def _describe_gate(gate: dict[str, Any]) -> str:
+    """`instruction_share (observed 1 > max 0.2: 'Find ...' in 40 of 40 triplets)`."""
+    observed = gate.get("observed")
+    shown = "n/a" if observed is None else f"{observed:.3g}"
+    sign = ">" if gate["bound"] == "max" else "<"
+    detail = f": {gate['detail']}" if gate.get("detail") else ""
+    return f"{gate['gate']} (observed {shown} {sign} {gate['bound']} {gate['threshold']}{detail})"

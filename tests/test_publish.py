@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 
 from megapairs_ops.config import parse_config
 from megapairs_ops.pairs import PAIRS_SCHEMA
-from megapairs_ops.publish import TRIPLET_SCHEMA, publish_triplets
-from megapairs_ops.storage import FAILURE_SCHEMA, QUARANTINE_SCHEMA, RunLayout, write_problem_rows
+from megapairs_ops.publish import TRIPLET_SCHEMA, publish_triplets, run_config_path
+from megapairs_ops.storage import FAILURE_SCHEMA, QUARANTINE_SCHEMA, RunLayout, read_json, write_problem_rows
 
 IDS = [f"{i:016x}" for i in range(8)]
 
@@ -41,7 +41,11 @@ def test_released_format_parts_and_jsonl(tmp_path):
     cfg = parse_config({"encoders": [{"name": "a", "kind": "classic_color_layout"}],
                         "mining": {"n_hard_negatives": 2}, "publish": {"part_rows": 4}})
     stats = publish_triplets(cfg, layout, run_id="run-1")
+    curation = stats.pop("curation")
     assert stats == {"triplets": 6, "parts": 2, "quarantined": 1, "failed": 1, "run_id": "run-1"}
+    assert curation["rejects_file"] is None and curation["excluded"] == 0
+    assert pq.read_table(layout.failures_part("curation")).num_rows == 0
+    assert parse_config(read_json(run_config_path(layout))) == cfg
 
     parts = sorted(layout.triplets_dir.glob("part-*.parquet"))
     assert [pq.read_metadata(p).num_rows for p in parts] == [4, 2]

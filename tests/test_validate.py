@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from megapairs_ops.config import parse_config
+from megapairs_ops.config import ConfigError, parse_config
 from megapairs_ops.storage import RunLayout, write_parquet
 from megapairs_ops.validate import (
     CANDIDATES_SCHEMA,
@@ -23,6 +23,7 @@ from megapairs_ops.validate import (
     PAIRS_SCHEMA,
     TRIPLETS_SCHEMA,
     ValidationFailed,
+    load_gate_results,
     validate_stage,
 )
 
@@ -473,3 +474,155 @@ def test_concurrent_processes_keep_each_others_config(cfg, layout):
         assert asset in config
     index = (layout.data_docs_dir / "index.html").read_text()
     assert "megapairs_mining_sem" in index and "megapairs_mining_cap" in index
+
+
+# ---------------------------------------------------------------- quality gates beyond schema
+
+WORDS = ("red", "blue", "tiny", "large", "beach", "forest", "dog", "boat", "night", "snow", "two", "three",
+         "striped", "wooden", "city", "bridge", "cat", "flowers", "mountain", "river", "old", "bright")
+
+
+def gate_cfg(**gates):
+    return parse_config({
+        "encoders": [{"name": "sem", "kind": "classic_color_layout"},
+                     {"name": "cap", "kind": "classic_text_hash", "band": [0.5, 0.9]}],
+        "gates": {"min_rows": 10, **gates},
+    })
+
+
+def many_triplets(n: int = 40, same_instructions: bool = False) -> list[dict]:
+    """n well-formed triplets whose instructions are all different (or all the same)."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for k in range(n):
+        q, t = 2 * k, 2 * k + 1
+        q_id, t_id = _id(q), _id(t)
+        others = [i for i in range(2 * n, 2 * n + 5)]
+        if same_instructions:
+            q_text = ["Find a similar photo.", "Show me the same scene.", "Retrieve a related image."]
+        else:
+            q_text = [" ".join(["Find", *rng.sample(WORDS, 6)]) + f" {k}{j}." for j in range(3)]
+        rows.append(dict(triplet_rows()[0], q_img=f"/data/img/{q_id}.jpg", t_img=f"/data/img/{t_id}.jpg",
+                         hns=[f"/data/img/{q_id}.jpg"] + [f"/data/img/{_id(i)}.jpg" for i in others],
+                         pair_id=_pair_id(q_id, t_id), q_id=q_id, t_id=t_id, q_text=q_text))
+    return rows
+
+
+def write_annotate_outcomes(layout, accepted: int, failed: int) -> None:
+    from megapairs_ops.storage import FAILURE_SCHEMA, write_problem_rows
+
+    write_parquet(pa.table({"pair_id": [f"{i:016x}" for i in range(accepted)]}), layout.annotations)
+    write_problem_rows([{"pair_id": f"{i:016x}", "reason": "refusal", "stage": "annotate", "attempts": 3}
+                        for i in range(failed)], FAILURE_SCHEMA, layout.failures_part("annotate"))
+
+
+def gates_of(result) -> dict:
+    return {g["gate"]: g for g in result["gates"]}
+
+
+def test_diverse_triplets_pass_every_gate_with_their_figures(layout):
+    write_triplets(layout, many_triplets())
+    write_annotate_outcomes(layout, accepted=40, failed=2)
+    result = run("triplets", gate_cfg(), layout)
+    gates = gates_of(result)
+    assert {g: v["status"] for g, v in gates.items()} == dict.fromkeys(
+        ["mean_instructions", "instruction_share", "opening_share", "distinct_2gram_ratio", "failure_rate"], "pass")
+    assert gates["mean_instructions"]["observed"] == 3.0
+    assert gates["instruction_share"]["observed"] == pytest.approx(1 / 40)
+    assert gates["failure_rate"]["observed"] == pytest.approx(2 / 42)
+    assert gates["distinct_2gram_ratio"]["observed"] > 0.5
+    assert result["warnings"] == [] and result["warned_expectations"] == []
+
+
+def test_collapsed_instructions_fail_the_instruction_share_gate(layout):
+    write_triplets(layout, many_triplets(same_instructions=True))
+    with pytest.raises(ValidationFailed) as err:
+        run("triplets", gate_cfg(), layout)
+    result = err.value.result
+    assert result["failed_expectations"] == ["instruction_share"]
+    assert "instruction_share (observed 1 > max 0.2: 'Find a similar photo.' in 40 of 40 triplets)" in str(err.value)
+    gates = gates_of(result)
+    assert gates["instruction_share"]["status"] == "fail"
+    assert gates["distinct_2gram_ratio"]["status"] == "warn"  # a warn gate broke too, reported only
+    assert any(w.startswith("triplets gate distinct_2gram_ratio") for w in result["warnings"])
+    assert gates["failure_rate"]["status"] == "skipped"  # no annotate outputs to judge
+    # Kept for the report even though the stage failed.
+    saved = load_gate_results(layout)
+    assert [s["suite"] for s in saved] == ["megapairs_triplets"] and saved[0]["success"] is False
+
+
+def test_a_warn_gate_reports_and_passes(layout):
+    write_triplets(layout, many_triplets(same_instructions=True))
+    result = run("triplets", gate_cfg(instruction_share={"severity": "warn"}), layout)
+    assert result["success"] is True and result["failed_expectations"] == []
+    assert set(result["warned_expectations"]) == {"instruction_share", "distinct_2gram_ratio"}
+    assert gates_of(result)["instruction_share"]["status"] == "warn"
+    assert any("instruction_share (observed 1 > max 0.2" in w for w in result["warnings"])
+
+
+def test_mean_instructions_and_failure_rate_gates(layout):
+    write_triplets(layout, many_triplets())
+    write_annotate_outcomes(layout, accepted=40, failed=20)
+    with pytest.raises(ValidationFailed) as err:
+        run("triplets", gate_cfg(mean_instructions={"min": 3.5, "severity": "fail"}, failure_rate=0.25), layout)
+    assert err.value.result["failed_expectations"] == ["mean_instructions", "failure_rate"]
+    assert "failure_rate (observed 0.333 > max 0.25: 20 of 60 pairs failed (refusal: 20))" in str(err.value)
+
+
+def test_small_tables_skip_share_gates_and_null_turns_a_gate_off(layout):
+    write_triplets(layout, many_triplets(n=8, same_instructions=True))
+    result = run("triplets", gate_cfg(opening_share=None), layout)
+    gates = gates_of(result)
+    assert gates["instruction_share"]["status"] == "skipped" and "gates.min_rows (10)" in gates["instruction_share"]["detail"]
+    assert gates["opening_share"]["status"] == "off"
+    assert result["success"] is True
+
+
+def test_ingest_quarantine_and_duplicate_rates(layout):
+    from megapairs_ops.storage import QUARANTINE_SCHEMA, write_problem_rows
+
+    rows = [dict(r, duplicate_paths=[]) for r in image_rows()]
+    rows[0]["duplicate_paths"] = [f"/data/img/copy{i}.jpg" for i in range(4)]
+    write_ingest(layout, rows)
+    write_problem_rows([{"path": f"/bad/{i}.jpg", "reason": "truncated_image" if i < 7 else "not_an_image",
+                         "detail": "x", "stage": "ingest"} for i in range(9)],
+                       QUARANTINE_SCHEMA, layout.quarantine_part("ingest"))
+    with pytest.raises(ValidationFailed) as err:
+        run("ingest", gate_cfg(duplicate_rate={"max": 0.1}), layout)
+    assert err.value.result["failed_expectations"] == ["quarantine_rate"]
+    assert "9 of 25 inputs quarantined (truncated_image: 7, not_an_image: 2)" in str(err.value)
+    gates = gates_of(err.value.result)
+    assert gates["duplicate_rate"]["status"] == "warn" and gates["duplicate_rate"]["observed"] == pytest.approx(4 / 25)
+
+
+def test_an_encoder_that_finds_nothing_breaks_the_encoder_share_gate(layout):
+    rows = [dict(r, encoders=["cap"], sims=[0.7]) for r in pair_rows() * 3]
+    for i, r in enumerate(rows):  # distinct pairs
+        q, t = _id(20 + 2 * i), _id(21 + 2 * i)
+        r.update(q_id=q, t_id=t, pair_id=_pair_id(q, t))
+    write_pairs(layout, rows)
+    result = run("pairs", gate_cfg(min_rows=5), layout)
+    gates = gates_of(result)
+    assert gates["encoder_share_sem"]["status"] == "warn" and gates["encoder_share_sem"]["observed"] == 0
+    assert gates["encoder_share_cap"]["status"] == "pass" and gates["encoder_share_cap"]["observed"] == 1
+    with pytest.raises(ValidationFailed, match="encoder_share_sem"):
+        run("pairs", gate_cfg(min_rows=5, encoder_share={"severity": "fail"}), layout)
+
+
+def test_gate_config_keys():
+    cfg = gate_cfg(instruction_share={"severity": "warn"}, failure_rate=0.05, opening_share=None)
+    assert (cfg.gates.instruction_share.max, cfg.gates.instruction_share.severity) == (0.2, "warn")
+    assert (cfg.gates.failure_rate.max, cfg.gates.failure_rate.severity) == (0.05, "fail")
+    assert cfg.gates.opening_share.max is None
+    for gates, problem in [
+        ({"instruction_share": 1.5}, "gates.instruction_share: threshold must be a share between 0 and 1"),
+        ({"failure_rate": {"severity": "stop"}}, "gates.failure_rate.severity: Input should be 'warn' or 'fail'"),
+        ({"opening_share": {"min": 0.2}}, "gates.opening_share.min: unknown key"),
+        ({"min_rows": 0}, "gates.min_rows: Input should be greater than or equal to 1"),
+        ({"diversity": 1}, "gates.diversity: unknown key"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            gate_cfg(**gates)
+        assert str(err.value).startswith(f"<config>: {problem}"), str(err.value)
