@@ -1,5 +1,12 @@
 import hashlib
+import json
+import logging
 import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -7,13 +14,22 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from megapairs_ops.annotate import ANNOTATION_SCHEMA, annotate_pairs
+from megapairs_ops.annotate import (
+    ANNOTATION_OUTPUT_SCHEMA,
+    ANNOTATION_SCHEMA,
+    annotate_pairs,
+    finalize_annotate,
+    plan_annotate_work,
+    run_annotate_work,
+)
+from megapairs_ops.annotation.records import RecordStore
 from megapairs_ops.annotation.backends import Backend
 from megapairs_ops.annotation.parsing import check_instructions
 from megapairs_ops.annotation.template import TemplateBackend
-from megapairs_ops.config import parse_config
+from megapairs_ops.config import ConfigError, parse_config
 from megapairs_ops.storage import FAILURE_SCHEMA, RunLayout
 
+REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = [
     "A red bicycle leaning against a yellow wall",
     "A cream scooter parked by a green wall",
@@ -109,7 +125,8 @@ class Recording(Backend):
 
 def check_outputs(layout, cfg, stats):
     ann, fail = read(layout.annotations), read(layout.failures_part("annotate"))
-    assert ann.schema.equals(ANNOTATION_SCHEMA) and fail.schema.equals(FAILURE_SCHEMA)
+    assert ann.schema.equals(ANNOTATION_OUTPUT_SCHEMA) and fail.schema.equals(FAILURE_SCHEMA)
+    assert ANNOTATION_OUTPUT_SCHEMA.names[: len(ANNOTATION_SCHEMA)] == ANNOTATION_SCHEMA.names  # contract first
     ids = ann.column("pair_id").to_pylist()
     failed_ids = fail.column("pair_id").to_pylist()
     all_ids = sorted(pq.read_table(layout.pairs).column("pair_id").to_pylist())
@@ -121,7 +138,7 @@ def check_outputs(layout, cfg, stats):
     for row in ann.to_pylist():
         assert lo <= row["word_num"] <= hi
         assert check_instructions(row["instructions"], row["description"], cfg.annotate.min_instructions)[0]
-        assert row["prompt_version"] == "v1" and 1 <= row["attempts"] <= cfg.annotate.max_attempts
+        assert row["prompt_version"] == "v1" and 1 <= row["attempts"] <= cfg.annotate.max_attempts_across_runs
     return ann, fail
 
 
@@ -132,11 +149,14 @@ def test_template_stage_accepts_every_pair_with_images(layout):
     assert stats["pairs_in"] == 11 and stats["accepted"] == 10 and stats["failed"] == 1
     assert stats["failures_by_reason"] == {"image_missing": 1}
     assert fail.to_pylist()[0]["stage"] == "annotate" and "00000000deadbeef" in fail.to_pylist()[0]["detail"]
+    assert fail.to_pylist()[0]["attempts"] == 0
     assert stats["describe_model"] == stats["instruct_model"] == "template-baseline-v1"
     assert set(ann.column("describe_backend").to_pylist()) == {"template"}
-    assert stats["requests"] == {"describe": 10, "instruct": 10}
-    assert stats["batches"] == 4 and stats["batches_resumed"] == 0
-    assert len(list(layout.annotation_dir("batches").glob("part-*.parquet"))) == 4
+    assert stats["requests"] == {"describe": 10, "instruct": 10} and stats["pairs_requested"] == 10
+    assert stats["work_items"] == 1
+    row = ann.to_pylist()[0]
+    assert len(row["demo_ids"]) == 5 and len(set(row["demo_ids"])) == 5
+    assert json.loads(row["describe_sampling"]) == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "seed": row["describe_seed"]}
 
 
 def test_rerun_is_a_no_op_and_identical(layout):
@@ -145,63 +165,50 @@ def test_rerun_is_a_no_op_and_identical(layout):
     first = read(layout.annotations)
     recorder = Recording()
     stats = annotate_pairs(cfg, layout, "run-1", backends=(recorder, recorder))
-    assert recorder.seen == [] and stats["batches_resumed"] == 4 and stats["parts_reused"]
+    assert recorder.seen == [] and stats["pairs_requested"] == 0
     assert read(layout.annotations).equals(first)
 
 
-def test_deleted_middle_part_is_recomputed_alone(layout):
+def test_lost_records_are_redone_alone(layout):
     cfg = make_cfg()
     annotate_pairs(cfg, layout, "run-1")
     first, first_fail = read(layout.annotations), read(layout.failures_part("annotate"))
-    middle = layout.annotation_dir("batches") / "part-00001.parquet"
-    expected = read(middle).column("pair_id").to_pylist()
-    middle.unlink()
+    shard = sorted(p for p in layout.annotation_dir("records").glob("*/*") if p.is_dir())[0]
+    expected = sorted({r["pair_id"] for r in pq.read_table(shard).to_pylist()})
+    shutil.rmtree(shard)
     recorder = Recording()
-    stats = annotate_pairs(cfg, layout, "run-1", backends=(recorder, recorder))
-    assert recorder.seen == expected and stats["batches_resumed"] == 3
+    annotate_pairs(cfg, layout, "run-1", backends=(recorder, recorder))
+    assert sorted(recorder.seen) == expected
     assert read(layout.annotations).equals(first)
     assert read(layout.failures_part("annotate")).equals(first_fail)
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    cfg = make_cfg()
-    reference = write_inputs(tmp_path / "reference")
-    annotate_pairs(cfg, reference, "run-1")
-
-    layout = write_inputs(tmp_path / "killed")  # same seeded bytes, so the same image and pair ids
-    dying = Recording(crash_after_batches=2)
-    with pytest.raises(KeyboardInterrupt):
-        annotate_pairs(cfg, layout, "run-1", backends=(dying, dying))
-    assert sorted(p.name for p in layout.annotation_dir("batches").glob("*.parquet")) == [
-        "part-00000.parquet",
-        "part-00001.parquet",
-    ]
-    assert not layout.annotations.exists()
-    resumed = Recording()
-    stats = annotate_pairs(cfg, layout, "run-1", backends=(resumed, resumed))
-    later = [reference.annotation_dir("batches") / f"part-0000{i}.parquet" for i in (2, 3)]
-    assert stats["batches_resumed"] == 2
-    assert resumed.seen == [pid for part in later for pid in read(part).column("pair_id").to_pylist()]
-    assert read(layout.annotations).equals(read(reference.annotations))
-    check_outputs(layout, cfg, stats)
-
-
-def test_changed_settings_discard_old_parts(layout):
+def test_changed_question_asks_anew_and_other_settings_reuse_records(layout):
     annotate_pairs(make_cfg(seed=0), layout, "run-1")
     before = read(layout.annotations)
     stats = annotate_pairs(make_cfg(seed=1), layout, "run-1")
-    assert not stats["parts_reused"] and stats["batches_resumed"] == 0
+    assert stats["pairs_requested"] == 10
     after = read(layout.annotations)
     assert after.column("pair_id").equals(before.column("pair_id"))
     assert after.column("word_num").to_pylist() != before.column("word_num").to_pylist()
-    stats = annotate_pairs(make_cfg(seed=1, batch_size=5), layout, "run-1")
-    assert stats["batches"] == 3 and stats["batches_resumed"] == 0
-    assert read(layout.annotations).equals(after)  # batching never changes the result
+    # Batching and checkpointing settings never change the result, and reuse every record.
+    stats = annotate_pairs(make_cfg(seed=1, batch_size=5, checkpoint_every=1), layout, "run-1")
+    assert stats["pairs_requested"] == 0 and read(layout.annotations).equals(after)
+    # Back to the first question: its records are still there.
+    assert annotate_pairs(make_cfg(seed=0), layout, "run-1")["pairs_requested"] == 0
+    assert read(layout.annotations).equals(before)
 
 
-def openai_cfg(llm_server, **annotate):
+def test_accepted_outputs_are_rechecked_against_current_checks(layout):
+    annotate_pairs(make_cfg(), layout, "run-1")
+    stats = annotate_pairs(make_cfg(max_instruction_chars=20, max_attempts=1), layout, "run-1")
+    assert stats["requests"]["describe"] == 0 and stats["requests"]["instruct"] == 10
+    assert stats["failures_by_reason"] == {"image_missing": 1, "instruction_too_long": 10}
+
+
+def openai_cfg(llm_server, step=None, **annotate):
     step = {"backend": "openai", "model": "fake-mllm", "base_url": llm_server.base_url, "concurrency": 3,
-            "image_max_side": 64}
+            "image_max_side": 64, "backoff_s": 0.001, "max_backoff_s": 0.02, "breaker_cooldown_s": 0.01, **(step or {})}
     return make_cfg(describe=step, instruct=step, **annotate)
 
 
@@ -267,6 +274,8 @@ def test_refusals_are_resampled_then_accepted(tmp_path, llm_server):
         ("refusal", "describe", "refusal"),
         ("short", "describe", "description_too_short"),
         ("malformed", "instruct", "bad_response"),
+        ("duplicated", "instruct", "too_few_instructions"),
+        ("bad_json", "instruct", "too_few_instructions"),
     ],
 )
 def test_persistent_bad_output_ends_as_a_failure_row(tmp_path, llm_server, fault, kind, reason):
@@ -308,3 +317,215 @@ def test_transformers_describe_path(layout, tiny_vlm_dir):
     # Eight new tokens are far below 60 words: the real path ran and the check rejected its output.
     assert reasons.get("description_too_short") == 7
     assert stats["describe_model"] == str(tiny_vlm_dir)
+
+
+# -- faults, kills, work items ------------------------------------------------------------------
+
+FAULT_MIX = {
+    "http_500": 0.05, "http_429": 0.05, "slow": 0.04, "drop": 0.05, "malformed": 0.05,
+    "too_few": 0.06, "refusal": 0.06, "duplicated": 0.06, "bad_json": 0.05, "short": 0.06,
+}
+
+
+def all_pairs_layout(root):
+    """Every ordered pair of the eight images: 56 pairs, the 14 touching the corrupt image among them."""
+    layout = write_inputs(root)
+    ids = [_id(layout, i) for i in range(len(CAPTIONS))]
+    pairs = [
+        {"pair_id": pair_id(ids[q], ids[t]), "q_id": ids[q], "t_id": ids[t], "encoders": ["color"], "sims": [0.9],
+         "max_sim": 0.9, "hn_ids": []}
+        for q in range(len(ids)) for t in range(len(ids)) if q != t
+    ]
+    pq.write_table(pa.Table.from_pylist(pairs), layout.pairs)
+    return layout
+
+
+def fault_cfg(llm_server, **annotate):
+    step = {"concurrency": 4, "timeout_s": 0.3, "http_attempts": 2, "breaker_failures": 6}
+    return openai_cfg(llm_server, step, max_attempts=2, max_attempts_across_runs=6, checkpoint_every=4, **annotate)
+
+
+def test_fault_mix_run_completes_and_a_clean_rerun_finishes_the_failures(tmp_path, llm_server):
+    llm_server.reset()
+    layout = all_pairs_layout(tmp_path / "run")
+    cfg = fault_cfg(llm_server)
+    for fault in FAULT_MIX:  # each at least once, then at random
+        kind = {"short": "describe", "too_few": "instruct", "duplicated": "instruct", "bad_json": "instruct"}.get(fault)
+        llm_server.inject(fault, kind=kind, retry_after="0.01", delay_s=0.6)
+    llm_server.set_fault_mix(FAULT_MIX, seed=3, retry_after="0.01", delay_s=0.6)
+    stats = annotate_pairs(cfg, layout, "run-1")
+    ann, fail = check_outputs(layout, cfg, stats)  # every pair accepted or failed, once
+    injected = {r.fault for r in llm_server.chat_requests()} - {None}
+    assert injected == set(FAULT_MIX)
+    # The server rejects (400) any describe request without two decodable images: none was sent.
+    assert all(len(r.image_urls()) == 2 for r in llm_server.chat_requests("describe"))
+    assert "http_error" not in stats["failures_by_reason"]
+    image_failures = [r for r in fail.to_pylist() if r["reason"] in ("truncated_image", "corrupt_image")]
+    model_failures = [r for r in fail.to_pylist() if r not in image_failures]
+    assert len(image_failures) == 14 and model_failures, "the mix should defeat some pairs"
+    assert all(r["reason"] and r["detail"].startswith(("describe:", "instruct:")) for r in model_failures)
+    errors = stats["steps"]["describe"]["errors"] | stats["steps"]["instruct"]["errors"]
+    assert {"server_error", "rate_limited", "timeout", "connection_error", "bad_response"} <= set(errors)
+    for step in ("describe", "instruct"):
+        s = stats["steps"][step]
+        assert s["requests"] > 0 and s["retries"] > 0 and s["tokens_in"] > 0 and s["tokens_out"] > 0
+        assert s["latency_ms"]["p50"] is not None and s["latency_ms"]["p95"] >= s["latency_ms"]["p50"]
+        assert s["accepted"] > 0
+
+    llm_server.reset()
+    need_describe = sum(r["detail"].startswith("describe:") for r in model_failures)
+    stats = annotate_pairs(cfg, layout, "run-2")
+    ann2, fail2 = check_outputs(layout, cfg, stats)
+    assert stats["accepted"] == 42 and set(stats["failures_by_reason"]) <= {"truncated_image", "corrupt_image"}
+    # Only the failed ones were asked again, each once (no faults now); nothing accepted was redone.
+    assert len(llm_server.chat_requests("describe")) == need_describe
+    assert len(llm_server.chat_requests("instruct")) == len(model_failures)
+    before = {r["pair_id"]: r for r in ann.to_pylist()}
+    assert all(before[r["pair_id"]] == r for r in ann2.to_pylist() if r["pair_id"] in before)
+    assert max(r["attempts"] for r in ann2.to_pylist()) > 2  # attempts count across runs
+
+
+def test_failures_are_retried_across_runs_up_to_the_cap(tmp_path, llm_server):
+    llm_server.reset()
+    layout = good_pair_layout(tmp_path / "run")
+    cfg = openai_cfg(llm_server, max_attempts=2, max_attempts_across_runs=3)
+    llm_server.inject("refusal", times=100, kind="instruct")
+    attempts = []
+    for run in range(3):
+        annotate_pairs(cfg, layout, f"run-{run}")
+        (row,) = read(layout.failures_part("annotate")).to_pylist()
+        attempts.append((row["attempts"], len(llm_server.chat_requests("instruct"))))
+    assert attempts == [(2, 2), (3, 3), (3, 3)]  # the third run asks nothing
+    assert len(llm_server.chat_requests("describe")) == 1  # the accepted description was kept
+    llm_server.reset()
+
+
+KILLER = """
+import json, os, signal, sys
+from megapairs_ops.annotation import records
+from megapairs_ops.annotate import annotate_pairs
+from megapairs_ops.config import ConfigError, parse_config
+from megapairs_ops.storage import RunLayout
+
+root, kill_after, cfg = sys.argv[1], int(sys.argv[2]), parse_config(json.loads(sys.argv[3]))
+flush = records.RecordWriter.flush
+
+def flush_then_die(self):
+    flush(self)
+    if self.records_written >= kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+records.RecordWriter.flush = flush_then_die
+annotate_pairs(cfg, RunLayout(root), "run-1")
+"""
+
+
+def test_killed_task_resumes_without_asking_twice_or_losing_anything(tmp_path, llm_server):
+    llm_server.reset()
+    cfg = openai_cfg(llm_server, checkpoint_every=3)
+    reference = all_pairs_layout(tmp_path / "reference")
+    annotate_pairs(cfg, reference, "run-1")
+
+    layout = all_pairs_layout(tmp_path / "killed")
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(layout.root), "12", json.dumps(cfg.model_dump(mode="json"))],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not layout.annotations.exists()
+    committed = RecordStore(next(layout.annotation_dir("records").iterdir())).load(
+        sorted({pid[:2] for pid in read(layout.pairs).column("pair_id").to_pylist()})
+    )
+    assert len(committed) >= 12
+    accepted = Counter(k[1] for k, r in committed.items() if r["status"] == "accepted")
+
+    llm_server.reset()
+    stats = annotate_pairs(cfg, layout, "run-1")
+    check_outputs(layout, cfg, stats)
+    # 42 pairs have readable images; each committed acceptance is not asked again.
+    assert len(llm_server.chat_requests("describe")) == 42 - accepted["describe"]
+    assert len(llm_server.chat_requests("instruct")) == 42 - accepted["instruct"]
+    assert read(layout.annotations).equals(read(reference.annotations))
+    resumed, uninterrupted = (
+        [{**r, "detail": r["detail"].replace(str(run.root), "<run>")} for r in read(run.failures_part("annotate")).to_pylist()]
+        for run in (layout, reference)
+    )
+    assert resumed == uninterrupted
+
+
+def test_work_items_can_run_in_any_order_then_finalize(tmp_path):
+    cfg = make_cfg(pairs_per_task=10)
+    reference = all_pairs_layout(tmp_path / "reference")
+    expected = annotate_pairs(cfg, reference, "run-1")
+
+    layout = all_pairs_layout(tmp_path / "mapped")
+    items = plan_annotate_work(cfg, layout)
+    assert len(items) == expected["work_items"] > 1 and json.loads(json.dumps(items)) == items
+    assert sum(i["pairs"] for i in items) == 56
+    assert all(a["last"] < b["first"] for a, b in zip(items, items[1:]))
+    with pytest.raises(RuntimeError, match="has not finished"):
+        finalize_annotate(cfg, layout, "run-1")
+    for item in reversed(items):
+        out = run_annotate_work(cfg, layout, item, "run-1")
+        assert out["pairs"] == item["pairs"] and out["accepted"] + out["failed"] == item["pairs"]
+    stats = finalize_annotate(cfg, layout, "run-1")
+    assert read(layout.annotations).equals(read(reference.annotations))
+    assert {k: stats[k] for k in ("accepted", "failed", "failures_by_reason")} == {
+        k: expected[k] for k in ("accepted", "failed", "failures_by_reason")
+    }
+
+
+def test_api_key_never_reaches_logs_outputs_or_stats(tmp_path, llm_server, monkeypatch, caplog):
+    key = "sk-stage-SECRET-7f3a9c"
+    monkeypatch.setenv("STAGE_TEST_KEY", key)
+    caplog.set_level(logging.DEBUG)
+    llm_server.reset()
+    llm_server.api_key = key
+    layout = write_inputs(tmp_path / "run")
+    cfg = openai_cfg(llm_server, {"api_key_env": "STAGE_TEST_KEY", "http_attempts": 2})
+    llm_server.set_fault_mix({"http_500": 0.2, "malformed": 0.1, "refusal": 0.1}, seed=1)
+    stats = annotate_pairs(cfg, layout, "run-1")
+    assert stats["accepted"] > 0 and llm_server.chat_requests()[0].headers["Authorization"] == f"Bearer {key}"
+    secret = key.encode()
+    for path in layout.root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert secret not in data, path
+            if path.suffix == ".parquet":  # compressed: look inside too
+                assert key not in str(pq.read_table(path).to_pylist()), path
+    assert key not in json.dumps(stats) and key not in caplog.text
+    assert key not in json.dumps(cfg.model_dump(mode="json"))  # what would become task params
+    llm_server.reset()
+
+
+def test_annotate_config_keys_validate_with_one_line_errors():
+    with pytest.raises(ConfigError, match=r"annotate: .*max_attempts_across_runs \(2\) must be >= max_attempts \(3\)"):
+        make_cfg(max_attempts_across_runs=2)
+    with pytest.raises(ConfigError, match="annotate.describe.image_transport"):
+        make_cfg(describe={"image_transport": "ftp"})
+    with pytest.raises(ConfigError, match="needs 'base_url'.*or 'connection_id'"):
+        make_cfg(describe={"backend": "openai", "model": "m"})
+    with pytest.raises(ConfigError, match="annotate.checkpoint_every"):
+        make_cfg(checkpoint_every=0)
+    cfg = make_cfg(describe={"backend": "openai", "model": "m", "connection_id": "mllm", "structured_output": True})
+    assert cfg.annotate.describe.connection_id == "mllm" and cfg.annotate.describe.base_url is None
+
+
+def test_shipped_profiles_parse_with_the_paper_models():
+    from megapairs_ops.config import load_config
+
+    paper = load_config(REPO / "configs" / "megapairs.yaml").annotate
+    assert paper.describe.model == "OpenGVLab/InternVL2-26B" and paper.instruct.model == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert paper.word_num == (60, 100) and paper.n_demos == 5 and paper.min_instructions == 3
+    assert paper.describe.image_max_side == 512 and paper.instruct.structured_output
+    demo = load_config(REPO / "configs" / "demo.yaml").annotate
+    assert demo.describe.backend == demo.instruct.backend == "template"
+
+
+def test_no_pairs_gives_empty_outputs(layout):
+    pq.write_table(read(layout.pairs).schema.empty_table(), layout.pairs)
+    cfg = make_cfg()
+    assert plan_annotate_work(cfg, layout) == []
+    stats = annotate_pairs(cfg, layout, "run-1")
+    assert (stats["pairs_in"], stats["accepted"], stats["failed"], stats["work_items"]) == (0, 0, 0, 0)
+    check_outputs(layout, cfg, stats)

@@ -1,20 +1,11 @@
-import socket
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from megapairs_ops.annotation.backends import (
-    BackendError,
-    DescribeRequest,
-    InstructRequest,
-    make_backend,
-)
-from megapairs_ops.annotation.openai_backend import OpenAIBackend, retry_after_seconds
+from megapairs_ops.annotation.backends import DescribeRequest, InstructRequest, make_backend
 from megapairs_ops.annotation.parsing import check_description, check_instructions, parse_instructions
 from megapairs_ops.annotation.template import MODEL_NAME, TemplateBackend
 from megapairs_ops.config import StepConfig
-from tests.fixtures.llm_server import REFUSAL_TEXT, fake_instructions
 
 Q_CAPTION = "A brown dog running on a sandy beach at sunset"
 T_CAPTION = "A black dog sitting on a snowy beach in winter"
@@ -102,157 +93,6 @@ def test_template_baseline_uses_caption_differences_and_is_deterministic(pair_im
     assert backend.counts == {"describe": 1, "instruct": 12}
 
 
-# -- openai-compatible endpoint ---------------------------------------------------------------
-
-
-def openai_step(llm_server, **kw):
-    base = dict(backend="openai", model="fake-mllm", base_url=llm_server.base_url, concurrency=2, image_max_side=128)
-    return StepConfig(**{**base, **kw})
-
-
-class Sleeps(list):
-    def __call__(self, seconds):
-        self.append(seconds)
-
-
-def test_describe_sends_two_images_then_text_with_auth(llm_server, pair_images, monkeypatch):
-    llm_server.reset()
-    llm_server.api_key = "s3cret-key"
-    monkeypatch.setenv("FAKE_LLM_KEY", "s3cret-key")
-    step = openai_step(llm_server, api_key_env="FAKE_LLM_KEY", max_tokens=321, temperature=0.4, top_p=0.8)
-    with make_backend(step) as backend:
-        assert isinstance(backend, OpenAIBackend)
-        (result,) = backend.describe([describe_request(pair_images, word_num=70)])
-    assert result.ok, result
-    assert check_description(result.text, 70) == (True, "")
-    (rec,) = llm_server.chat_requests()
-    assert rec.path == "/v1/chat/completions"
-    assert rec.headers["Authorization"] == "Bearer s3cret-key"
-    body = rec.body
-    assert (body["model"], body["max_tokens"], body["temperature"], body["top_p"]) == ("fake-mllm", 321, 0.4, 0.8)
-    assert isinstance(body["seed"], int)
-    (message,) = body["messages"]
-    assert message["role"] == "user"
-    assert [part["type"] for part in message["content"]] == ["image_url", "image_url", "text"]
-    assert message["content"][2]["text"] == "Describe the two images in about 70 words."
-    q_img, t_img = rec.images()
-    assert q_img.format == t_img.format == "JPEG"
-    assert q_img.size == (128, 85) and t_img.size == (32, 128)  # query first, longest side capped
-
-
-def test_instruct_sends_text_only(llm_server):
-    llm_server.reset()
-    with make_backend(openai_step(llm_server)) as backend:
-        (result,) = backend.instruct([instruct_request()])
-    assert result.ok and result.model == "fake-mllm"
-    assert len(parse_instructions(result.text)) == 3
-    (rec,) = llm_server.chat_requests()
-    assert rec.kind == "instruct" and rec.body["messages"][0]["content"].startswith("Write instructions")
-    assert "Authorization" not in rec.headers
-
-
-def test_results_keep_request_order_under_concurrency(llm_server):
-    llm_server.reset()
-    requests = [instruct_request(key=f"0:p{i}:instruct:1") for i in range(12)]
-    with OpenAIBackend(openai_step(llm_server, concurrency=4)) as backend:
-        results = backend.instruct(requests)
-    for req, res in zip(requests, results):
-        assert parse_instructions(res.text) == fake_instructions(req.prompt, req.seed)
-    assert len(llm_server.chat_requests()) == 12
-
-
-def test_retries_on_500_and_429_then_succeeds(llm_server):
-    llm_server.reset()
-    llm_server.inject("http_500", times=2)
-    llm_server.inject("http_429", times=1, retry_after="7")
-    sleeps = Sleeps()
-    with OpenAIBackend(openai_step(llm_server), backoff_s=0.01, sleep=sleeps) as backend:
-        (result,) = backend.instruct([instruct_request()])
-        counts = backend.counts
-    assert result.ok
-    assert [r.fault for r in llm_server.chat_requests()] == ["http_500", "http_500", "http_429", None]
-    assert len(sleeps) == 3
-    assert sleeps[0] <= 0.01 and sleeps[1] <= 0.02  # exponential backoff with jitter
-    assert sleeps[2] >= 7  # Retry-After honoured
-    assert counts["http_requests"] == 4 and counts["http_retries"] == 3
-
-
-def test_gives_up_after_bounded_attempts(llm_server):
-    llm_server.reset()
-    llm_server.inject("http_500", times=10)
-    with OpenAIBackend(openai_step(llm_server), http_attempts=3, sleep=Sleeps()) as backend:
-        (result,) = backend.instruct([instruct_request()])
-    assert not result.ok and result.error == "server_error" and "3 attempts" in result.detail
-    assert len(llm_server.chat_requests()) == 3
-
-
-def test_client_errors_and_malformed_bodies_are_not_retried(llm_server):
-    llm_server.reset()
-    llm_server.inject("http_400")
-    llm_server.inject("malformed")
-    llm_server.inject("no_choices")
-    with OpenAIBackend(openai_step(llm_server, concurrency=1), sleep=Sleeps()) as backend:
-        results = [backend.instruct([instruct_request()])[0] for _ in range(3)]
-    assert [r.error for r in results] == ["http_error", "bad_response", "bad_response"]
-    assert len(llm_server.chat_requests()) == 3
-
-
-def test_refusal_text_comes_back_as_text(llm_server):
-    """Refusals are a content problem: the stage's checks catch them and re-sample."""
-    llm_server.reset()
-    llm_server.inject("refusal", kind="instruct")
-    with OpenAIBackend(openai_step(llm_server)) as backend:
-        (result,) = backend.instruct([instruct_request()])
-    assert result.ok and result.text == REFUSAL_TEXT
-    assert check_instructions(parse_instructions(result.text), "d", 3) == (False, "refusal")
-
-
-def test_timeout_and_connection_errors(llm_server):
-    llm_server.reset()
-    llm_server.inject("slow", delay_s=1.0)
-    with OpenAIBackend(openai_step(llm_server, timeout_s=0.2), http_attempts=1) as backend:
-        (result,) = backend.instruct([instruct_request()])
-    assert result.error == "timeout"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    step = StepConfig(backend="openai", model="m", base_url=f"http://127.0.0.1:{port}/v1")
-    with OpenAIBackend(step, http_attempts=2, sleep=Sleeps()) as backend:
-        (result,) = backend.instruct([instruct_request()])
-    assert result.error == "connection_error" and "2 attempts" in result.detail
-
-
-def test_unreadable_images_fail_without_a_request(llm_server, pair_images):
-    llm_server.reset()
-    with OpenAIBackend(openai_step(llm_server)) as backend:
-        broken, missing = backend.describe(
-            [describe_request(pair_images, t=pair_images["broken"]), describe_request(pair_images, q=pair_images["missing"])]
-        )
-    assert broken.error in {"corrupt_image", "truncated_image"} and not broken.retryable
-    assert missing.error == "image_missing" and not missing.retryable
-    assert llm_server.chat_requests() == []
-
-
-def test_missing_api_key_env_is_a_setup_error(llm_server, monkeypatch):
-    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    with pytest.raises(BackendError, match="NO_SUCH_KEY_VAR"):
-        make_backend(openai_step(llm_server, api_key_env="NO_SUCH_KEY_VAR"))
-
-
-def test_models_endpoint(llm_server):
-    import httpx
-
-    resp = httpx.get(llm_server.base_url + "/models")
-    assert resp.status_code == 200 and resp.json()["data"][0]["id"] == "fake-mllm"
-
-
-def test_retry_after_parsing():
-    assert retry_after_seconds("3") == 3.0
-    assert retry_after_seconds(None) is None
-    assert retry_after_seconds("garbage") is None
-    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
-
-
 # -- transformers (tiny models saved by the tests, loaded via from_pretrained) -----------------
 
 
@@ -284,16 +124,6 @@ def test_transformers_describe_with_two_images(tiny_vlm_dir, pair_images):
     assert ok.ok and isinstance(ok.text, str)
     assert backend._two_images  # LLaVA takes both images, no side-by-side fallback
     assert broken.error in {"corrupt_image", "truncated_image"}
-
-
-def test_structured_output_requests_json(llm_server):
-    llm_server.reset()
-    with OpenAIBackend(openai_step(llm_server)) as backend:
-        backend.structured = True  # what a StepConfig `structured_output: true` would switch on
-        (result,) = backend.instruct([instruct_request()])
-    (rec,) = llm_server.chat_requests()
-    assert rec.body["response_format"]["type"] == "json_schema"
-    assert result.text.startswith("{") and len(parse_instructions(result.text)) == 3
 
 
 def test_transformers_describe_falls_back_to_side_by_side(tiny_vlm_dir, pair_images, monkeypatch):

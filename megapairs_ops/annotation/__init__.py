@@ -8,13 +8,21 @@ from .backends import (
     Backend,
     BackendError,
     DescribeRequest,
+    EndpointUnavailable,
     InstructRequest,
     Result,
     image_data_url,
     load_image,
     make_backend,
 )
-from .parsing import check_description, check_instructions, is_refusal, normalise, parse_instructions
+from .parsing import (
+    check_description,
+    check_instructions,
+    instructions_schema,
+    is_refusal,
+    normalise,
+    parse_instructions,
+)
 from .prompts import Demo, PromptError, PromptSet, draw_demos, draw_word_num, load_prompt_set, seed_key
 
 __all__ = [
@@ -22,6 +30,7 @@ __all__ = [
     "BackendError",
     "Demo",
     "DescribeRequest",
+    "EndpointUnavailable",
     "InstructRequest",
     "PromptError",
     "PromptSet",
@@ -31,6 +40,7 @@ __all__ = [
     "draw_demos",
     "draw_word_num",
     "image_data_url",
+    "instructions_schema",
     "is_refusal",
     "load_image",
     "load_prompt_set",

@@ -26,6 +26,25 @@ _REFUSAL = re.compile(
 )
 
 
+def instructions_schema(min_n: int = 3, max_chars: int = 300) -> dict:
+    """JSON schema for structured output: {"instructions": [>= min_n non-empty strings]}.
+    Distinctness is not in the schema (`uniqueItems` is not supported by vLLM's grammar
+    backends); check_instructions enforces it after normalisation."""
+    return {
+        "type": "object",
+        "properties": {
+            "instructions": {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1, "maxLength": max_chars},
+                "minItems": min_n,
+                "maxItems": max(min_n, 8),
+            }
+        },
+        "required": ["instructions"],
+        "additionalProperties": False,
+    }
+
+
 def normalise(text: str) -> str:
     return " ".join(text.casefold().split()).rstrip(_TRAILING)
 

@@ -129,12 +129,16 @@ def stable_hash(seed_key: str) -> int:
     return int.from_bytes(hashlib.sha256(seed_key.encode("utf-8")).digest()[:8], "big")
 
 
+def draw_demo_indices(pool_size: int, n: int, seed_key: str) -> list[int]:
+    """n distinct positions in the pool; the same key always gives the same ones in the same order."""
+    if n > pool_size:
+        raise ValueError(f"cannot draw {n} demos from a pool of {pool_size}")
+    order = sorted(range(pool_size), key=lambda i: stable_hash(f"{seed_key}:demo:{i}"))
+    return order[:n]
+
+
 def draw_demos(pool: Sequence[Demo], n: int, seed_key: str) -> list[Demo]:
-    """n distinct demos; the same key always gives the same demos in the same order."""
-    if n > len(pool):
-        raise ValueError(f"cannot draw {n} demos from a pool of {len(pool)}")
-    order = sorted(range(len(pool)), key=lambda i: stable_hash(f"{seed_key}:demo:{i}"))
-    return [pool[i] for i in order[:n]]
+    return [pool[i] for i in draw_demo_indices(len(pool), n, seed_key)]
 
 
 def draw_word_num(lo: int, hi: int, seed_key: str) -> int:
