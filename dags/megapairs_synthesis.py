@@ -56,15 +56,19 @@ PARAMS = {
 
 @contextmanager
 def _fail_without_retry_on_bad_input():
-    """Retrying cannot fix a bad config, an unusable corpus or data that fails its gate."""
+    """Retrying cannot fix a bad config, an unusable corpus, rejected credentials or data that
+    fails its gate."""
     from airflow.sdk.exceptions import AirflowFailException
+    from megapairs_ops.annotation.backends import BackendError
     from megapairs_ops.config import ConfigError
     from megapairs_ops.ingest import IngestError
     from megapairs_ops.validate import ValidationFailed
 
     try:
         yield
-    except (ConfigError, IngestError, ValidationFailed) as exc:
+    # BackendError: a bad endpoint config or rejected credentials. An endpoint that is merely
+    # down raises EndpointUnavailable instead, which Airflow retries; committed records are kept.
+    except (BackendError, ConfigError, IngestError, ValidationFailed) as exc:
         raise AirflowFailException(str(exc)) from exc
 
 
@@ -75,7 +79,7 @@ def _ctx():
     context = get_current_context()
     params, dag_run = context["params"], context["dag_run"]
     part = partition_name(
-        dag_run.run_id, str(dag_run.run_type), getattr(dag_run, "logical_date", None), params.get("run_name", "")
+        dag_run.run_id, dag_run.run_type, getattr(dag_run, "logical_date", None), params.get("run_name", "")
     )
     out = f"{params['output_root'].rstrip('/')}/{part}"
     return context_from_params(params["config"], params["corpus"], out, run_id=dag_run.run_id)
@@ -146,12 +150,20 @@ def megapairs_synthesis():
         }
         return summary
 
+    @task(trigger_rule="all_done")
+    def report() -> str | None:
+        """The curator report, also for a run whose gate stopped publishing: it says why."""
+        from megapairs_ops.pipeline import build_run_report
+
+        built = build_run_report(_ctx())
+        return built and built.get("report")
+
     encoders = plan_encoders()
     ingested = ingest()
     embedded = embed.expand(encoder=encoders)
     encoders >> ingested >> embedded
     mined = mine.expand(encoder=embedded)
-    pairs(mined) >> annotate() >> publish()
+    pairs(mined) >> annotate() >> publish() >> report()
 
 
 megapairs_synthesis()

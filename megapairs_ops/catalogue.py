@@ -116,3 +116,50 @@ def record_version(cfg: PipelineConfig, layout: RunLayout, run_id: str) -> dict:
         )
     write_json(manifest, layout.root / "manifest.json")
     return manifest
+
+
+class _ToAnnotateLayout(RunLayout):
+    """The run layout with `pairs` and `annotations` redirected, so the annotate stage sees only
+    the pairs the catalogue cannot answer, and writes beside the final annotations."""
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / "annotations" / "to_annotate" / "pairs.parquet"
+
+    @property
+    def annotations(self) -> Path:
+        return self.root / "annotations" / "to_annotate" / "annotations.parquet"
+
+
+def annotate_with_reuse(cfg: PipelineConfig, layout: RunLayout, run_id: str, progress: bool = False) -> dict:
+    """Annotate the run's pairs, reusing every annotation the catalogue already published for the
+    same pair, annotators and prompt version: those pairs are never sent to a model again."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .annotate import ANNOTATION_OUTPUT_SCHEMA, ANNOTATION_SCHEMA, annotate_pairs
+    from .storage import write_parquet
+
+    reused = reusable_annotations(cfg, layout, ANNOTATION_SCHEMA)
+    if reused.num_rows == 0:
+        stats = annotate_pairs(cfg, layout, run_id, progress=progress)
+        stats["reused"] = 0
+        return stats
+
+    pairs = pq.read_table(layout.pairs)
+    todo = pairs.filter(pc.invert(pc.is_in(pairs.column("pair_id"), value_set=reused.column("pair_id"))))
+    inner = _ToAnnotateLayout(layout.root)
+    write_parquet(todo, inner.pairs)
+    stats = annotate_pairs(cfg, inner, run_id, progress=progress)
+    fresh = pq.read_table(inner.annotations)
+    merged = pa.concat_tables(
+        [fresh.cast(ANNOTATION_OUTPUT_SCHEMA), pa.Table.from_pylist(reused.to_pylist(), schema=ANNOTATION_OUTPUT_SCHEMA)]
+    ).sort_by("pair_id")
+    write_parquet(merged, layout.annotations)
+    stats.update(
+        pairs_in=pairs.num_rows,
+        accepted=merged.num_rows,
+        reused=reused.num_rows,
+        pairs_annotated=todo.num_rows,
+    )
+    return stats

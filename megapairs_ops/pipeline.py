@@ -119,7 +119,10 @@ def _config_parts(ctx: RunContext, stage: str, encoder: str | None) -> list[Any]
     if stage == "annotate":
         return [cfg.annotate, cfg.seed]
     if stage == "publish":
-        return [cfg.publish, cfg.validation]
+        from .curation import rejects_fingerprint
+
+        # Editing the curators' rejects file or a gate threshold re-publishes.
+        return [cfg.publish, cfg.validation, cfg.gates, rejects_fingerprint(cfg)]
     raise ValueError(f"unknown stage '{stage}'; stages are {', '.join(STAGES)}")
 
 
@@ -156,9 +159,9 @@ def _stage_function(stage: str) -> Callable[[RunContext, str | None], dict]:
 
         return lambda ctx, enc: build_pairs(ctx.cfg, ctx.layout)
     if stage == "annotate":
-        from .annotate import annotate_pairs
+        from .catalogue import annotate_with_reuse
 
-        return lambda ctx, enc: annotate_pairs(ctx.cfg, ctx.layout, ctx.run_id, progress=ctx.progress)
+        return lambda ctx, enc: annotate_with_reuse(ctx.cfg, ctx.layout, ctx.run_id, progress=ctx.progress)
     if stage == "publish":
         from .publish import publish_triplets
 
@@ -196,6 +199,14 @@ def run_stage(ctx: RunContext, stage: str, encoder: str | None = None, force: bo
         return record
 
     clear_status(ctx.layout, key)
+    try:
+        return _execute(ctx, stage, encoder, key, fp)
+    finally:
+        # Also on failure: stats.json must never keep saying a withdrawn run is complete.
+        write_run_stats(ctx)
+
+
+def _execute(ctx: RunContext, stage: str, encoder: str | None, key: str, fp: str) -> dict:
     fn = _stage_function(stage)
     log.info("%s: started", key)
     t0 = time.perf_counter()
@@ -213,7 +224,8 @@ def run_stage(ctx: RunContext, stage: str, encoder: str | None = None, force: bo
             if stage == "publish":
                 _withdraw_triplets(ctx.layout)
             raise
-        stats["validation"] = {k: result[k] for k in ("suite", "success", "evaluated") if k in result}
+        keep = ("suite", "success", "evaluated", "warnings", "gates")
+        stats["validation"] = {k: result[k] for k in keep if k in result}
     if stage == "publish":
         from .catalogue import record_version
 
@@ -224,7 +236,6 @@ def run_stage(ctx: RunContext, stage: str, encoder: str | None = None, force: bo
     stats.setdefault("rows_in", stats.get(rows_in))
     stats.setdefault("rows_out", stats.get(rows_out))
     record = mark_finished(ctx.layout, key, fp, stats, time.perf_counter() - t0)
-    write_run_stats(ctx)
     log.info("%s: done in %.1fs (%s in, %s out)", key, record["seconds"], record["rows_in"], record["rows_out"])
     return record
 
@@ -255,9 +266,28 @@ def planned_stages(cfg: PipelineConfig, until: str | None = None) -> list[tuple[
 
 
 def run_pipeline(ctx: RunContext, until: str | None = None, force: bool = False) -> dict:
-    for stage, encoder in planned_stages(ctx.cfg, until):
-        run_stage(ctx, stage, encoder, force=force)
+    try:
+        for stage, encoder in planned_stages(ctx.cfg, until):
+            run_stage(ctx, stage, encoder, force=force)
+    finally:
+        if until in (None, "publish"):
+            # A run that failed a gate gets a report too: it says which gate and why.
+            build_run_report(ctx)
     return write_run_stats(ctx)
+
+
+def build_run_report(ctx: RunContext) -> dict | None:
+    """The curator report is cheap and always rebuilt; a failure to build it never hides the
+    outcome of the run itself."""
+    from .report import build_report
+
+    if not ctx.layout.images.is_file():
+        return None
+    try:
+        return build_report(ctx.cfg, ctx.layout)
+    except Exception:
+        log.exception("curator report could not be built for %s", ctx.layout.root)
+        return None
 
 
 def write_run_stats(ctx: RunContext) -> dict:
@@ -290,5 +320,6 @@ def output_locations(layout: RunLayout) -> dict[str, Path]:
         "quarantine": layout.quarantine,
         "failures": layout.failures,
         "stats": layout.stats,
+        "report": layout.reports_dir / "index.html",
         "data_docs": layout.data_docs_dir / "index.html",
     }

@@ -75,3 +75,21 @@ def test_republishing_a_version_keeps_its_lineage(two_versions, sample_corpus):
     after = read_json(v1.root / "manifest.json")
     assert after["parent"] == before["parent"] and after["published_at"] == before["published_at"]
     assert after["triplets"] == before["triplets"] and after["added"] == before["added"]
+
+
+@pytest.mark.slow
+def test_grown_corpus_reannotates_nothing_already_published(two_versions):
+    v1, v2 = two_versions
+    ann = read_json(v2.status("annotate"))
+    published_before = {r["pair_id"] for r in pq.read_table(v1.triplets_dir, columns=["pair_id"]).to_pylist()}
+    v2_pairs = {r["pair_id"] for r in pq.read_table(v2.pairs, columns=["pair_id"]).to_pylist()}
+    assert ann["reused"] == len(v2_pairs & published_before) > 0
+    assert ann["pairs_annotated"] == len(v2_pairs - published_before)
+    # The models were asked about the new pairs only (the template baseline answers first time).
+    assert ann["requests"]["describe"] == ann["pairs_annotated"]
+    assert read_json(v2.root / "manifest.json")["annotations_reused"] == ann["reused"]
+    # Reused annotations are published verbatim.
+    old = {r["pair_id"]: r["q_text"] for r in pq.read_table(v1.triplets_dir).to_pylist()}
+    for row in pq.read_table(v2.triplets_dir).to_pylist():
+        if row["pair_id"] in old:
+            assert row["q_text"] == old[row["pair_id"]]

@@ -39,12 +39,12 @@ def test_dag_integrity_and_light_parsing(airflow_home):
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["errors"] == {}
     assert info["dags"] == ["megapairs_synthesis"]
-    assert info["tasks"] == ["annotate", "embed", "ingest", "mine", "pairs", "plan_encoders", "publish"]
+    assert info["tasks"] == ["annotate", "embed", "ingest", "mine", "pairs", "plan_encoders", "publish", "report"]
     assert info["params"] == ["config", "corpus", "output_root", "run_name"]
     up = info["upstream"]
     assert up["embed"] == ["ingest", "plan_encoders"]
     assert up["mine"] == ["embed"] and up["pairs"] == ["mine"]
-    assert up["annotate"] == ["pairs"] and up["publish"] == ["annotate"]
+    assert up["annotate"] == ["pairs"] and up["publish"] == ["annotate"] and up["report"] == ["publish"]
     # Parsing the DAG must not pull in the pipeline's heavy libraries.
     assert info["heavy"] == []
     assert info["catchup"] is False and info["retries"] >= 1
