@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="print where a run's outputs are; non-zero if the run is incomplete")
     p.add_argument("run_dir")
+
+    p = sub.add_parser("report", help="(re)build a run's curator report, RUN_DIR/reports/index.html")
+    p.add_argument("run_dir")
+    p.add_argument("--config", default=None, help="default: the config the run recorded at publish")
+    p.add_argument("--previous", default=None, help="run directory to compare with (default: curation.compare_with)")
     return parser
 
 
@@ -87,6 +92,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _summary(Path(args.run_dir))
     if args.command == "airflow-pools":
         return _airflow_pools(load_config(args.config))
+    if args.command == "report":
+        from .report import build_report, load_run_config
+        from .storage import RunLayout
+
+        layout = RunLayout(Path(args.run_dir))
+        cfg = load_config(args.config) if args.config else load_run_config(layout)
+        previous = RunLayout(Path(args.previous)) if args.previous else None
+        print(json.dumps(build_report(cfg, layout, previous=previous), default=str))
+        return 0
 
     ctx = pipeline.context_from_params(
         args.config, args.corpus, args.out, run_id=args.run_id, progress=sys.stderr.isatty()

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -40,10 +41,63 @@ EncoderKind = Literal[
     "clip_image",
     "clip_text",
     "dinov2",
+    "open_clip_image",
+    "open_clip_text",
+    "precomputed",
 ]
 ENCODER_KINDS = get_args(EncoderKind)
 WEIGHT_FREE_KINDS = {"classic_color_layout", "classic_texture", "classic_text_hash"}
-TEXT_KINDS = {"classic_text_hash", "clip_text"}
+TEXT_KINDS = {"classic_text_hash", "clip_text", "open_clip_text"}
+OPEN_CLIP_KINDS = {"open_clip_image", "open_clip_text"}
+# Kinds whose `image_size` resizes the model input (position embeddings are interpolated).
+SIZED_KINDS = {"clip_image", "dinov2", "open_clip_image"}
+
+
+class PrecomputedSource(_Strict):
+    """Vectors computed elsewhere: clip-retrieval's output folder, or one .npy plus an ids file."""
+
+    # A clip-retrieval output folder (img_emb/, text_emb/, metadata/) or a .npy file of (n, dim).
+    path: str
+    # With a .npy file: Parquet (column `column`) or .txt (one key per line), row i <-> vector i.
+    ids: str | None = None
+    # Which clip-retrieval vectors to read: img_emb (image) or text_emb (caption).
+    embeddings: Literal["image", "text"] = "image"
+    # How a row finds its image in images.parquet: by file path (also matching collapsed
+    # duplicate paths), by img2dataset/WebDataset key (file or tar member name without extension),
+    # or by this pipeline's image_id / sha256.
+    match_on: Literal["path", "key", "image_id", "sha256"] = "path"
+    # The column holding the match key; default: image_path (clip-retrieval) for path/key, else match_on.
+    column: str | None = None
+    # Relative paths in the metadata are taken relative to this folder (clip-retrieval writes them
+    # as given on its command line).
+    path_root: str | None = None
+
+    @property
+    def key_column(self) -> str:
+        return self.column or ("image_path" if self.match_on in ("path", "key") else self.match_on)
+
+    @model_validator(mode="after")
+    def _source_exists(self) -> "PrecomputedSource":
+        root = Path(self.path).expanduser()
+        if root.is_file():
+            if root.suffix != ".npy":
+                raise ValueError(f"precomputed path '{self.path}' must be a .npy file or a clip-retrieval folder")
+            if not self.ids:
+                raise ValueError("a precomputed .npy needs 'ids' (a Parquet or .txt file, one key per vector row)")
+            if not Path(self.ids).expanduser().is_file():
+                raise ValueError(f"precomputed ids file '{self.ids}' not found")
+            if Path(self.ids).suffix not in (".parquet", ".txt"):
+                raise ValueError(f"precomputed ids file '{self.ids}' must be .parquet or .txt")
+            return self
+        folder = "img_emb" if self.embeddings == "image" else "text_emb"
+        if not (root / folder).is_dir() or not (root / "metadata").is_dir():
+            raise ValueError(
+                f"precomputed path '{self.path}' is neither a .npy file nor a clip-retrieval folder "
+                f"with {folder}/ and metadata/"
+            )
+        if self.ids:
+            raise ValueError("'ids' is only for a plain .npy; clip-retrieval folders carry metadata/")
+        return self
 
 
 class EncoderConfig(_Strict):
@@ -56,8 +110,15 @@ class EncoderConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     trust_remote_code: bool = False
-    # Only for classic kinds: the vector size; ignored by model-backed kinds.
+    # Only for classic kinds: the vector size; ignored by model-backed kinds. For `precomputed`,
+    # when given, the vectors must have this size.
     dim: Annotated[int, Field(ge=8, le=65536)] = 512
+    # open_clip kinds: a pretrained tag of the architecture named by `model` (e.g.
+    # 'merged2b_s4b_b131k') or a weights file; unused with 'hf-hub:' / 'local-dir:' models.
+    pretrained: str | None = None
+    # Model input side in pixels; None keeps the checkpoint's own (224 for CLIP/DINOv2).
+    image_size: Annotated[int, Field(ge=16, le=4096)] | None = None
+    precomputed: PrecomputedSource | None = None
 
     @field_validator("band")
     @classmethod
@@ -69,12 +130,24 @@ class EncoderConfig(_Strict):
 
     @model_validator(mode="after")
     def _model_present(self) -> "EncoderConfig":
+        if self.image_size is not None and self.kind not in SIZED_KINDS:
+            raise ValueError(f"image_size applies to kinds {sorted(SIZED_KINDS)}, not '{self.kind}'")
+        if self.pretrained is not None and self.kind not in OPEN_CLIP_KINDS:
+            raise ValueError(f"'pretrained' is only for open_clip kinds, not '{self.kind}'")
+        if (self.kind == "precomputed") != (self.precomputed is not None):
+            raise ValueError("kind 'precomputed' needs a 'precomputed' section, and only that kind takes one")
         if self.kind in WEIGHT_FREE_KINDS:
+            return self
+        if self.kind == "precomputed":
+            if self.model:
+                raise ValueError("kind 'precomputed' takes no 'model'; its vectors come from 'precomputed.path'")
             return self
         if not self.model:
             raise ValueError(
                 f"encoder kind '{self.kind}' needs 'model' (a hub id or a local directory)"
             )
+        if self.kind in OPEN_CLIP_KINDS:
+            return self._open_clip_model_present()
         if _looks_like_local_path(self.model):
             path = Path(self.model).expanduser()
             if not (path / "config.json").is_file():
@@ -84,9 +157,56 @@ class EncoderConfig(_Strict):
                 )
         return self
 
+    def _open_clip_model_present(self) -> "EncoderConfig":
+        model = self.model or ""
+        if model.startswith("local-dir:") or _looks_like_local_path(model):
+            folder = Path(model.removeprefix("local-dir:")).expanduser()
+            if not (folder / "open_clip_config.json").is_file():
+                raise ValueError(
+                    f"open_clip model folder '{folder}' has no open_clip_config.json; give an architecture "
+                    "name (e.g. EVA02-L-14) with 'pretrained', 'hf-hub:org/repo' or a local-dir: folder"
+                )
+        elif self.pretrained and _looks_like_local_path(self.pretrained):
+            if not Path(self.pretrained).expanduser().is_file():
+                raise ValueError(f"pretrained weights file '{self.pretrained}' not found")
+        return self
+
     @property
     def modality(self) -> Literal["image", "text"]:
+        if self.precomputed is not None:
+            return self.precomputed.embeddings
         return "text" if self.kind in TEXT_KINDS else "image"
+
+
+class EmbedConfig(_Strict):
+    """How the embed stage runs. Nothing here changes a vector, so none of it is in the stage's
+    fingerprint: changing it re-plans the work, never invalidates finished embeddings."""
+
+    # Images per resumable shard (images.parquet order); a killed task loses at most one shard.
+    shard_size: Annotated[int, Field(ge=1, le=10_000_000)] = 16_384
+    # Shards per work item (one mapped Airflow task).
+    shards_per_task: Annotated[int, Field(ge=1)] = 8
+    # Decode + preprocess processes feeding the model: "auto" = one per spare core on CUDA (up to
+    # 16); on CPU, where the model already uses every core, decode runs in-process between batches.
+    decode_workers: int | Literal["auto"] = "auto"
+    # Decoded batches queued per worker ahead of the model.
+    prefetch_batches: Annotated[int, Field(ge=1, le=64)] = 2
+    # Image encoders of one resource class share a task and decode each image once.
+    share_decode: bool = True
+    # Content-addressed embedding cache (image sha256 / caption hash x encoder identity).
+    cache: bool = True
+    # Where the cache lives; default: .cache/embeddings beside the run directories, so every run
+    # under one output root shares it. A relative path is taken from that output root.
+    cache_dir: str | None = None
+    # DuckDB memory budget for cache lookups and precomputed-vector matching.
+    memory_limit: str = "2GB"
+
+    @field_validator("decode_workers")
+    @classmethod
+    def _workers_count(cls, value: int | str) -> int | str:
+        if value != "auto" and not 0 <= value <= 256:
+            raise ValueError(f"decode_workers must be 'auto' or 0..256 (0: decode in the task's process), got {value}")
+        return value
 
 
 class ManifestColumns(_Strict):
@@ -105,11 +225,58 @@ class IngestConfig(_Strict):
     max_caption_chars: Annotated[int, Field(ge=1)] = 4000
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: str | int) -> int:
+    """'8GB' (decimal, as DuckDB reads it), '8GiB' (binary) or a plain byte count -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else None
+    if unit not in _BYTE_UNITS:
+        raise ValueError(f"'{value}' is not a memory size; write e.g. 8GB, 512MiB or a byte count")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def _memory_size(value: str | int) -> str | int:
+    if parse_bytes(value) <= 0:
+        raise ValueError(f"memory size must be positive, got '{value}'")
+    return value
+
+
+MemorySize = Annotated[str | int, AfterValidator(_memory_size)]
+
+
 class MiningConfig(_Strict):
+    """k-NN mining; how the index is chosen from these keys is documented in docs/mining.md."""
+
     k: Annotated[int, Field(ge=1, le=4096)] = 20
     max_targets_per_query: Annotated[int, Field(ge=1)] = 5
     n_hard_negatives: Annotated[int, Field(ge=0, le=64)] = 5
     query_batch_size: Annotated[int, Field(ge=1)] = 4096
+    index: Literal["auto", "flat", "ivf_flat", "ivf_pq"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Host memory the search may hold (index shard, running top-k, ids, one query batch).
+    memory_budget: MemorySize = "4GB"
+    # `index: auto` stays exact up to this many vectors, then goes approximate.
+    exact_max_vectors: Annotated[int, Field(ge=2)] = 1_000_000
+    recall_target: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    nlist: Annotated[int, Field(ge=1)] | None = None
+    nprobe: Annotated[int, Field(ge=1)] | None = None
+    train_size: Annotated[int, Field(ge=1)] | None = None
+    pq_m: Annotated[int, Field(ge=1)] | None = None
+    # IVF-PQ fetches rerank_factor x (k + 1) codes-ranked neighbours and re-ranks them exactly.
+    rerank_factor: Annotated[int, Field(ge=1, le=64)] = 4
+    # Queries with exact ground truth used to pick nprobe and to measure recall (0: no calibration).
+    calibration_queries: Annotated[int, Field(ge=0)] = 1000
+    # Exact search: database rows per index shard; None derives it from memory_budget.
+    shard_rows: Annotated[int, Field(ge=1)] | None = None
+    # Query rows per work item (one Airflow task each when the lead maps over them).
+    queries_per_task: Annotated[int, Field(ge=1)] = 2_000_000
+    gpus: Annotated[int, Field(ge=1)] | None = None
+    gpu_float16: bool = False
 
     @model_validator(mode="after")
     def _k_covers_negatives(self) -> "MiningConfig":
@@ -117,6 +284,8 @@ class MiningConfig(_Strict):
             raise ValueError(
                 f"k ({self.k}) must be >= max_targets_per_query ({self.max_targets_per_query})"
             )
+        if self.nlist and self.nprobe and self.nprobe > self.nlist:
+            raise ValueError(f"nprobe ({self.nprobe}) must be <= nlist ({self.nlist})")
         return self
 
 
@@ -124,32 +293,71 @@ class PairsConfig(_Strict):
     max_pairs_per_query: Annotated[int, Field(ge=1)] = 5
     # Two images whose 64-bit perceptual hashes differ in at most this many bits are the same picture.
     near_duplicate_hamming: Annotated[int, Field(ge=0, le=64)] = 6
-    memory_limit: str = "2GB"
+    # DuckDB's buffer limit; it spills to temp_directory beyond it (process peak is a little above).
+    memory_limit: MemorySize = "2GB"
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    # Spill folder; None means <run dir>/tmp/duckdb.
+    temp_directory: str | None = None
+
+
+class VLLMEngineConfig(_Strict):
+    """Settings of an in-process vllm.LLM engine (backend 'vllm')."""
+
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    dtype: Literal["auto", "float16", "bfloat16"] = "auto"
+    max_model_len: Annotated[int, Field(ge=256)] | None = None
+    max_num_seqs: Annotated[int, Field(ge=1)] | None = None
+    # InternVL-style dynamic tiling: at most this many 448px tiles per image (vLLM's
+    # mm_processor_kwargs.max_dynamic_patch); None keeps the model's own default.
+    max_image_tiles: Annotated[int, Field(ge=1, le=40)] | None = None
+    mm_processor_kwargs: dict[str, Any] = {}
+    enforce_eager: bool = False
 
 
 class StepConfig(_Strict):
-    backend: Literal["template", "openai", "transformers"] = "template"
+    backend: Literal["template", "openai", "transformers", "vllm"] = "template"
     model: str | None = None
     base_url: str | None = None
+    # Where the API key comes from: an Airflow connection (password; its host also supplies the
+    # endpoint when base_url is empty), else this environment variable. Never the key itself.
+    connection_id: str | None = None
     api_key_env: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] = 512
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    stop: list[str] = []
     timeout_s: Annotated[float, Field(gt=0)] = 120.0
     concurrency: Annotated[int, Field(ge=1, le=1024)] = 8
+    http_attempts: Annotated[int, Field(ge=1, le=20)] = 4
+    backoff_s: Annotated[float, Field(ge=0)] = 1.0
+    max_backoff_s: Annotated[float, Field(ge=0)] = 60.0
+    breaker_failures: Annotated[int, Field(ge=1)] = 5
+    breaker_cooldown_s: Annotated[float, Field(gt=0)] = 2.0
+    outage_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    structured_output: bool = False
     image_max_side: Annotated[int, Field(ge=32)] = 512
+    image_transport: Literal["data_url", "file"] = "data_url"
+    image_cache_dir: str | None = None
     trust_remote_code: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    vllm: VLLMEngineConfig = VLLMEngineConfig()
 
     @model_validator(mode="after")
     def _backend_needs(self) -> "StepConfig":
-        if self.backend in ("openai", "transformers") and not self.model:
+        if self.backend in ("openai", "transformers", "vllm") and not self.model:
             raise ValueError(f"backend '{self.backend}' needs 'model'")
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("backend 'openai' needs 'base_url' (e.g. http://host:8000/v1)")
+        if self.backend == "openai" and not (self.base_url or self.connection_id):
+            raise ValueError(
+                "backend 'openai' needs 'base_url' (e.g. http://host:8000/v1) or 'connection_id'"
+            )
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got '{self.base_url}'")
         if self.backend == "transformers" and self.model and _looks_like_local_path(self.model):
             if not (Path(self.model).expanduser() / "config.json").is_file():
                 raise ValueError(f"model path '{self.model}' has no config.json")
+        if self.max_backoff_s < self.backoff_s:
+            raise ValueError(f"max_backoff_s ({self.max_backoff_s}) must be >= backoff_s ({self.backoff_s})")
         return self
 
 
@@ -158,8 +366,20 @@ class AnnotateConfig(_Strict):
     word_num: tuple[int, int] = (60, 100)
     n_demos: Annotated[int, Field(ge=0, le=50)] = 5
     min_instructions: Annotated[int, Field(ge=1)] = 3
+    # Output checks: a description may miss WORD_NUM by this fraction; instructions are bounded.
+    word_num_tolerance: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    max_instruction_chars: Annotated[int, Field(ge=20)] = 300
+    # Tries per pair and step in one run, and in all runs together (a re-run retries failures).
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    max_attempts_across_runs: Annotated[int, Field(ge=1, le=200)] = 9
+    # Pairs in flight at once (the batch a local model gets; HTTP backends keep their
+    # concurrency saturated from it).
     batch_size: Annotated[int, Field(ge=1)] = 256
+    # Results are committed in small parts every this many records or seconds, whichever first.
+    checkpoint_every: Annotated[int, Field(ge=1)] = 256
+    checkpoint_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    # Size of one mapped Airflow work item.
+    pairs_per_task: Annotated[int, Field(ge=1)] = 50_000
     describe: StepConfig = StepConfig()
     instruct: StepConfig = StepConfig()
 
@@ -170,6 +390,15 @@ class AnnotateConfig(_Strict):
         if not (1 <= lo <= hi):
             raise ValueError(f"word_num must be [lo, hi] with 1 <= lo <= hi, got [{lo}, {hi}]")
         return value
+
+    @model_validator(mode="after")
+    def _attempt_budgets(self) -> "AnnotateConfig":
+        if self.max_attempts_across_runs < self.max_attempts:
+            raise ValueError(
+                f"max_attempts_across_runs ({self.max_attempts_across_runs}) must be >= "
+                f"max_attempts ({self.max_attempts})"
+            )
+        return self
 
 
 class PublishConfig(_Strict):
@@ -294,6 +523,7 @@ class PipelineConfig(_Strict):
     seed: int = 0
     ingest: IngestConfig = IngestConfig()
     encoders: Annotated[list[EncoderConfig], Field(min_length=1)]
+    embed: EmbedConfig = EmbedConfig()
     mining: MiningConfig = MiningConfig()
     pairs: PairsConfig = PairsConfig()
     annotate: AnnotateConfig = AnnotateConfig()

@@ -1,110 +1,285 @@
 """Mining: k nearest neighbours per query image for one encoder, kept when inside the encoder's band.
 
-Exact inner-product search (FAISS IndexFlatIP) on L2-normalised vectors, so inner product is
-cosine similarity. Queries stream in batches; both outputs stream to Parquet, so memory holds the
-index plus one batch of results.
+Inner product on L2-normalised vectors is cosine similarity. The search engine (exact and sharded,
+IVF-Flat, or IVF-PQ with exact re-ranking; CPU or GPU) is chosen by mine_index.choose_index from
+the corpus size, the dimension and mining.memory_budget; docs/mining.md describes the rule.
+
+Semantics, whatever the engine: a query's own row is never its neighbour; its first k neighbours
+are its retrieved set (neighbours/{enc}.parquet, kept for hard negatives); of those, the ones with
+lo < sim < hi are candidates, at most max_targets_per_query per query, most similar first.
+
+The work is split into query ranges so Airflow can map them to tasks:
+    items = plan_mining_work(cfg, layout, encoder)    # small JSON-able dicts
+    run_mining_work(cfg, layout, item)                # one part per item, atomic, skipped when done
+    finalize_mining(cfg, layout, encoder)             # parts -> candidates/{enc}.parquet, neighbours/...
+`mine_candidates` runs the three in one process. Parts live under mining/{enc}/{fingerprint}/, the
+fingerprint covering the config and the embeddings, so a changed input never reuses stale parts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import PipelineConfig
-from .storage import RunLayout, atomic_path
+from .mine_index import (
+    FlatSearcher,
+    IndexPlan,
+    IvfSearcher,
+    VectorFile,
+    choose_index,
+    ensure_ivf,
+    resolve_device,
+)
+from .storage import RunLayout, atomic_path, read_json, write_json
 
+log = logging.getLogger("megapairs")
 
 CANDIDATE_SCHEMA = pa.schema(
     [("q_id", pa.string()), ("t_id", pa.string()), ("sim", pa.float32()), ("rank", pa.int32())]
 )
+# Bumped when mining output semantics change, so parts of an older version are never merged.
+MINE_CODE_VERSION = "2"
+HIST_BINS = 20  # sims of all neighbours, bins over [0, 1]
 
 
-def _neighbour_batches(vectors: np.ndarray, k: int, batch_size: int):
-    """Yield (query_rows, sims, idx) with self-matches removed; k+1 searched so self can be dropped."""
-    import faiss
+@dataclass
+class _Work:
+    """One encoder's mining work: inputs, plan and where its parts go."""
 
-    n, dim = vectors.shape
-    index = faiss.IndexFlatIP(dim)
-    index.add(vectors)
-    kk = min(k + 1, n)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        sims, idx = index.search(vectors[start:stop], kk)
-        rows = np.arange(start, stop)[:, None]
-        # A query can tie with an identical vector ahead of itself, so drop self by id, not by position.
-        not_self = (idx != rows) & (idx >= 0)
-        yield rows[:, 0], sims, idx, not_self
+    cfg: PipelineConfig
+    layout: RunLayout
+    encoder: str
+
+    @cached_property
+    def vectors(self) -> VectorFile:
+        vectors = VectorFile(self.layout.embedding_vectors(self.encoder))
+        n_ids = pq.ParquetFile(self.layout.embedding_ids(self.encoder)).metadata.num_rows
+        if n_ids != vectors.n:
+            raise ValueError(
+                f"embeddings of '{self.encoder}' are inconsistent: {vectors.n} vectors but {n_ids} ids; "
+                "delete the encoder's embeddings folder and re-run the embed stage"
+            )
+        return vectors
+
+    @cached_property
+    def plan(self) -> IndexPlan:
+        return choose_index(self.cfg.mining, self.vectors.n, self.vectors.dim)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        def stat(path: Path) -> list[int]:
+            st = path.stat()
+            return [st.st_size, st.st_mtime_ns]
+
+        payload = {
+            "version": MINE_CODE_VERSION,
+            # How queries are cut into tasks and batches does not change any result.
+            "mining": self.cfg.mining.model_dump(mode="json", exclude={"queries_per_task", "query_batch_size"}),
+            "band": list(self.cfg.encoder(self.encoder).band),
+            "seed": self.cfg.seed,
+            "vectors": stat(self.layout.embedding_vectors(self.encoder)),
+            "ids": stat(self.layout.embedding_ids(self.encoder)),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root / "mining" / self.encoder
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.fingerprint
+
+    def part(self, item: dict, kind: str) -> Path:
+        return self.dir / f"q{item['query_start']:012d}-{item['query_stop']:012d}.{kind}.parquet"
+
+    def item_stats(self, item: dict) -> Path:
+        return self.dir / f"q{item['query_start']:012d}-{item['query_stop']:012d}.json"
+
+    @property
+    def finalized(self) -> Path:
+        return self.dir / "finalized.json"
+
+    def is_finalized(self) -> bool:
+        outputs = (self.layout.candidates(self.encoder), self.layout.neighbours(self.encoder))
+        return self.finalized.is_file() and all(p.is_file() for p in outputs)
+
+    def item_done(self, item: dict) -> bool:
+        return all(p.is_file() for p in (self.item_stats(item), self.part(item, "candidates"),
+                                         self.part(item, "neighbours")))
+
+    def items(self) -> list[dict]:
+        n, per = self.vectors.n, self.cfg.mining.queries_per_task
+        count = max(1, -(-n // per))
+        bounds = np.linspace(0, n, count + 1).astype(int)
+        return [{"encoder": self.encoder, "query_start": int(a), "query_stop": int(b)}
+                for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @cached_property
+    def ids(self) -> pa.Array:
+        table = pq.read_table(self.layout.embedding_ids(self.encoder), columns=["image_id"])
+        return table.column(0).combine_chunks().cast(pa.string())
+
+    def searcher(self):
+        mining, plan, device = self.cfg.mining, self.plan, resolve_device(self.cfg.mining)
+        if plan.kind == "flat":
+            return FlatSearcher(self.vectors, plan, device, mining.query_batch_size), device, None
+        index, meta = ensure_ivf(self.dir, self.vectors, plan, mining, device, self.cfg.seed)
+        searcher = IvfSearcher(self.vectors, plan, device, mining.query_batch_size, index)
+        searcher.set_nprobe(meta["nprobe"])
+        return searcher, device, meta
 
 
-def mine_candidates(cfg: PipelineConfig, encoder_name: str, layout: RunLayout) -> dict:
-    enc = cfg.encoder(encoder_name)
+def plan_mining_work(cfg: PipelineConfig, layout: RunLayout, encoder: str) -> list[dict]:
+    """Query ranges of one encoder, one work item each. Decides (and logs) the index; for the
+    approximate indexes it also trains, fills and calibrates the shared IVF index, so this step
+    needs the same worker as mining (minutes at scale). Cheap when everything is done already."""
+    work = _Work(cfg, layout, encoder)
+    items = work.items()
+    if work.is_finalized():
+        return items
+    plan = work.plan
+    log.info("mining %s: %s, %s; %d shard(s) of <= %d rows; %d work item(s)", encoder, plan.faiss_name,
+             plan.reason, plan.n_shards, plan.shard_rows, len(items))
+    _drop_stale(work)
+    if plan.kind != "flat" and work.vectors.n >= 2:
+        work.searcher()
+    return items
+
+
+def run_mining_work(cfg: PipelineConfig, layout: RunLayout, item: dict) -> dict:
+    """Search one query range and write its candidates and neighbours parts (atomic; skipped
+    when the part is already there)."""
+    work = _Work(cfg, layout, item["encoder"])
+    if work.is_finalized() or work.item_done(item):
+        return {**item, "skipped": True}
+    enc = cfg.encoder(work.encoder)
     lo, hi = enc.band
     k, cap = cfg.mining.k, cfg.mining.max_targets_per_query
-    vectors = np.load(layout.embedding_vectors(encoder_name), mmap_mode="r")
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    ids = pq.read_table(layout.embedding_ids(encoder_name), columns=["image_id"]).column(0)
-    ids = np.asarray(ids.to_pylist(), dtype=object)
-    if len(ids) != len(vectors):
-        raise ValueError(
-            f"embeddings of '{encoder_name}' are inconsistent: {len(vectors)} vectors but {len(ids)} ids; "
-            "delete the encoder's embeddings folder and re-run the embed stage"
-        )
-
-    n_neighbours = n_candidates = queries_with_pairs = 0
-    sim_hist = np.zeros(20, dtype=np.int64)  # sims of all neighbours, bins over [0, 1]
+    start, stop = item["query_start"], item["query_stop"]
+    t0 = time.perf_counter()
+    stats = {"queries": stop - start, "neighbours": 0, "candidates": 0, "queries_with_candidates": 0,
+             "sim_histogram": [0] * HIST_BINS, "device": "cpu"}
     with (
-        atomic_path(layout.candidates(encoder_name)) as cand_tmp,
-        atomic_path(layout.neighbours(encoder_name)) as neigh_tmp,
+        atomic_path(work.part(item, "candidates")) as cand_tmp,
+        atomic_path(work.part(item, "neighbours")) as neigh_tmp,
     ):
         with (
             pq.ParquetWriter(cand_tmp, CANDIDATE_SCHEMA, compression="zstd") as cand_writer,
             pq.ParquetWriter(neigh_tmp, CANDIDATE_SCHEMA, compression="zstd") as neigh_writer,
         ):
-            if len(vectors) >= 2:
-                for q_rows, sims, idx, keep in _neighbour_batches(vectors, k, cfg.mining.query_batch_size):
-                    # Rank among the query's own neighbours (self excluded), 1-based, first k only.
-                    rank = np.cumsum(keep, axis=1)
-                    keep &= rank <= k
-                    q_flat = np.broadcast_to(q_rows[:, None], idx.shape)[keep]
-                    t_flat, s_flat, r_flat = idx[keep], sims[keep], rank[keep]
-                    neigh = _table(ids, q_flat, t_flat, s_flat, r_flat)
+            if work.vectors.n >= 2 and stop > start:
+                searcher, device, _ = work.searcher()
+                stats["device"] = device.kind
+                for first, sims, idx in searcher.search(start, stop):
+                    neigh, cand, with_cand = _select(work.ids, first, sims, idx, k, lo, hi, cap)
                     neigh_writer.write_table(neigh)
-                    n_neighbours += neigh.num_rows
-                    sim_hist += np.histogram(np.clip(s_flat, 0, 1), bins=20, range=(0, 1))[0]
-
-                    in_band = keep & (sims > lo) & (sims < hi)
-                    # Targets are ordered by similarity already; keep the first `cap` in band per query.
-                    in_band &= np.cumsum(in_band, axis=1) <= cap
-                    cand = _table(
-                        ids,
-                        np.broadcast_to(q_rows[:, None], idx.shape)[in_band],
-                        idx[in_band],
-                        sims[in_band],
-                        rank[in_band],
-                    )
                     cand_writer.write_table(cand)
-                    n_candidates += cand.num_rows
-                    queries_with_pairs += int(in_band.any(axis=1).sum())
-    return {
-        "queries": int(len(ids)),
-        "neighbours": n_neighbours,
-        "candidates": n_candidates,
-        "queries_with_candidates": queries_with_pairs,
+                    stats["neighbours"] += neigh.num_rows
+                    stats["candidates"] += cand.num_rows
+                    stats["queries_with_candidates"] += with_cand
+                    hist = np.histogram(np.clip(neigh.column("sim").to_numpy(), 0, 1), bins=HIST_BINS, range=(0, 1))
+                    stats["sim_histogram"] = (np.asarray(stats["sim_histogram"]) + hist[0]).tolist()
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    write_json(stats, work.item_stats(item))  # last: the item counts as done only now
+    return {**item, **{key: stats[key] for key in ("queries", "neighbours", "candidates", "seconds")}}
+
+
+def _select(ids: pa.Array, first: int, sims: np.ndarray, idx: np.ndarray, k: int, lo: float, hi: float,
+            cap: int) -> tuple[pa.Table, pa.Table, int]:
+    """Neighbours and in-band candidates of one batch of queries (rows first, first + 1, ...)."""
+    rows = np.arange(first, first + len(sims))[:, None]
+    # A query can tie with an identical vector ahead of itself, so self is dropped by row, not position.
+    keep = (idx != rows) & (idx >= 0)
+    rank = np.cumsum(keep, axis=1)  # 1-based among the query's own neighbours
+    keep &= rank <= k
+    in_band = keep & (sims > lo) & (sims < hi)
+    # Neighbours are ordered by similarity, so the first `cap` in band are the most similar.
+    in_band &= np.cumsum(in_band, axis=1) <= cap
+    q = np.broadcast_to(rows, idx.shape)
+    return (_table(ids, q[keep], idx[keep], sims[keep], rank[keep]),
+            _table(ids, q[in_band], idx[in_band], sims[in_band], rank[in_band]),
+            int(in_band.any(axis=1).sum()))
+
+
+def finalize_mining(cfg: PipelineConfig, layout: RunLayout, encoder: str) -> dict:
+    """Merge the finished parts into candidates/{enc}.parquet and neighbours/{enc}.parquet; returns
+    the stage's stats. Raises if a work item has not finished."""
+    work = _Work(cfg, layout, encoder)
+    if work.is_finalized():
+        return read_json(work.finalized)
+    items = work.items()
+    missing = [f"{i['query_start']}-{i['query_stop']}" for i in items if not work.item_done(i)]
+    if missing:
+        raise RuntimeError(f"mining '{encoder}': work items not finished: {', '.join(missing[:5])}"
+                           + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    parts = [read_json(work.item_stats(i)) for i in items]
+    for kind, final in (("neighbours", layout.neighbours(encoder)), ("candidates", layout.candidates(encoder))):
+        paths = [work.part(i, kind) for i in items]
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if len(paths) == 1:
+            os.replace(paths[0], final)  # same filesystem: a rename, no copy
+            continue
+        with atomic_path(final) as tmp, pq.ParquetWriter(tmp, CANDIDATE_SCHEMA, compression="zstd") as w:
+            for path in paths:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16):
+                    w.write_batch(batch)
+    lo, hi = cfg.encoder(encoder).band
+    ivf_meta = work.dir / "ivf.json"
+    stats = {
+        "queries": sum(p["queries"] for p in parts),
+        "neighbours": sum(p["neighbours"] for p in parts),
+        "candidates": sum(p["candidates"] for p in parts),
+        "queries_with_candidates": sum(p["queries_with_candidates"] for p in parts),
         "band": [lo, hi],
-        "k": k,
-        "index": "IndexFlatIP",
-        "sim_histogram_0_1_by_0_05": sim_hist.tolist(),
+        "k": cfg.mining.k,
+        "index": work.plan.faiss_name,
+        "index_plan": {**work.plan.describe(), **(read_json(ivf_meta) if ivf_meta.is_file() else {})},
+        "devices": sorted({p["device"] for p in parts}),
+        "work_items": len(items),
+        "search_seconds": round(sum(p["seconds"] for p in parts), 3),
+        "sim_histogram_0_1_by_0_05": np.sum([p["sim_histogram"] for p in parts], axis=0).astype(int).tolist(),
     }
+    write_json(stats, work.finalized)
+    for path in work.dir.iterdir():
+        if path != work.finalized:
+            path.unlink(missing_ok=True)
+    return stats
 
 
-def _table(ids: np.ndarray, q: np.ndarray, t: np.ndarray, sim: np.ndarray, rank: np.ndarray) -> pa.Table:
+def _drop_stale(work: _Work) -> None:
+    """Parts and indexes of other fingerprints belong to inputs that no longer exist."""
+    if work.root.is_dir():
+        for path in work.root.iterdir():
+            if path.is_dir() and path.name != work.fingerprint:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def mine_candidates(cfg: PipelineConfig, encoder_name: str, layout: RunLayout) -> dict:
+    """The whole mining stage of one encoder in this process: plan, every work item, finalize."""
+    for item in plan_mining_work(cfg, layout, encoder_name):
+        run_mining_work(cfg, layout, item)
+    return finalize_mining(cfg, layout, encoder_name)
+
+
+def _table(ids: pa.Array, q: np.ndarray, t: np.ndarray, sim: np.ndarray, rank: np.ndarray) -> pa.Table:
     return pa.table(
         {
-            "q_id": pa.array(ids[q], pa.string()),
-            "t_id": pa.array(ids[t], pa.string()),
+            "q_id": ids.take(pa.array(q, pa.int64())),
+            "t_id": ids.take(pa.array(t, pa.int64())),
             "sim": pa.array(sim.astype(np.float32)),
             "rank": pa.array(rank.astype(np.int32)),
         },

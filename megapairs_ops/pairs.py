@@ -1,16 +1,25 @@
 """Pairs: union of every encoder's candidates into one row per ordered (query, target), near-duplicate
-drop, a per-query cap, and hard negatives from the query's retrieved set. Runs in DuckDB so it can
-spill to disk instead of needing the candidate set in memory."""
+drop, a per-query cap, and hard negatives from the query's retrieved set.
+
+Runs in DuckDB out of core: the candidate and neighbour files are scanned where needed (views, not
+copies), every intermediate is a temp table DuckDB may spill to `pairs.temp_directory`, and
+`pairs.memory_limit` caps its buffers. Order is only asked for where the output needs it. The hard
+negatives never join every pair with every image of its retrieved set: each query's retrieved set is
+gathered and ordered once (one row per query), and each pair filters its query's row.
+Hard negatives are drawn in a seeded order per query: draw_key(q) XOR draw_key(n), with a
+per-image md5 key. bench/mine.py measures the stage on 50M candidate rows.
+"""
 
 from __future__ import annotations
+
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import PipelineConfig
+from .config import PipelineConfig, parse_bytes
 from .sqlfiles import sql
-from .storage import FAILURE_SCHEMA, RunLayout, atomic_path, write_problem_rows
-
+from .storage import FAILURE_SCHEMA, RunLayout, atomic_path
 
 PAIRS_SCHEMA = pa.schema(
     [
@@ -23,14 +32,28 @@ PAIRS_SCHEMA = pa.schema(
         ("hn_ids", pa.list_(pa.string())),
     ]
 )
+BATCH_ROWS = 1 << 16
 
 
 def _connect(cfg: PipelineConfig, layout: RunLayout):
     import duckdb
 
-    spill = layout.root / "tmp" / "duckdb"
+    # A relative temp_directory is inside the run directory.
+    spill = layout.root / (cfg.pairs.temp_directory or "tmp/duckdb")
     spill.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(config={"memory_limit": cfg.pairs.memory_limit, "temp_directory": str(spill)})
+    settings = {
+        "memory_limit": f"{parse_bytes(cfg.pairs.memory_limit)}B",
+        "temp_directory": str(spill),
+        # No result of this stage depends on scan order; final outputs say ORDER BY.
+        "preserve_insertion_order": False,
+        # DuckDB rewrites "row_number() <= n per partition" into a top-n aggregate whose state
+        # cannot spill (out of memory at a few million queries); the window operator spills.
+        "disabled_optimizers": "top_n_window_elimination",
+    }
+    if cfg.pairs.threads:
+        settings["threads"] = cfg.pairs.threads
+    con = duckdb.connect(config=settings)
+    con.execute("SET enable_progress_bar = false")
     return con
 
 
@@ -40,66 +63,61 @@ def build_pairs(cfg: PipelineConfig, layout: RunLayout) -> dict:
     neigh_paths = [str(layout.neighbours(n)) for n in names]
     n_neg = cfg.mining.n_hard_negatives
     hamming = cfg.pairs.near_duplicate_hamming
+    seed = str(cfg.seed)
 
     con = _connect(cfg, layout)
+    seconds: dict[str, float] = {}
+
+    def run(name: str, params: dict | None = None):
+        t0 = time.perf_counter()
+        result = con.execute(sql(name), params or {})
+        seconds[name] = round(time.perf_counter() - t0, 2)
+        return result
+
     try:
-        files = pa.table(
-            {"encoder": names + names, "path": cand_paths + neigh_paths},
-        )
-        bands = pa.table(
-            {
-                "encoder": names,
-                "lo": [e.band[0] for e in cfg.encoders],
-                "hi": [e.band[1] for e in cfg.encoders],
-            }
-        )
-        con.register("encoder_files", files)
-        con.register("bands", bands)
-        con.execute(sql("load_candidates"), {"paths": cand_paths})
-        con.execute(sql("load_neighbours"), {"paths": neigh_paths})
-        con.execute(sql("load_image_hashes"), {"path": str(layout.images)})
-        con.execute(sql("union_candidates_per_pair"))
-        con.execute(sql("pairs_without_near_duplicates"), {"max_hamming": hamming})
-        con.execute(sql("cap_pairs_per_query"), {"cap": cfg.pairs.max_pairs_per_query})
-        con.execute(sql("hard_negatives_per_pair"), {"seed": str(cfg.seed), "max_hamming": hamming})
-
-        cand_rows, union_pairs, after_dedup, after_cap = con.execute(sql("pair_funnel_counts")).fetchone()
-        by_views = {int(n): int(c) for n, c in con.execute(sql("pairs_by_encoder_count")).fetchall()}
-
-        pairs_out = 0
-        with atomic_path(layout.pairs) as tmp, pq.ParquetWriter(tmp, PAIRS_SCHEMA, compression="zstd") as w:
-            reader = con.sql(sql("pairs_with_hard_negatives"), params={"n": n_neg}).to_arrow_reader(65536)
-            for batch in reader:
-                table = pa.Table.from_batches([batch]).cast(PAIRS_SCHEMA)
-                w.write_table(table)
-                pairs_out += table.num_rows
-
-        short = con.execute(sql("pairs_short_of_hard_negatives"), {"n": n_neg}).fetchall()
+        con.register("encoder_files", pa.table({"encoder": names + names, "path": cand_paths + neigh_paths}))
+        con.register("bands", pa.table({
+            "encoder": names,
+            "lo": [e.band[0] for e in cfg.encoders],
+            "hi": [e.band[1] for e in cfg.encoders],
+        }))
+        run("pairs_inputs", {"candidates": cand_paths, "neighbours": neigh_paths, "images": str(layout.images),
+                             "max_hamming": hamming})
+        run("load_candidates")
+        run("load_neighbours")
+        run("load_image_hashes", {"seed": seed})
+        run("union_candidates_per_pair")
+        run("pairs_without_near_duplicates")
+        run("cap_pairs_per_query", {"cap": cfg.pairs.max_pairs_per_query})
+        run("hard_negative_pools")
+        run("hard_negatives_per_pair", {"max_hamming": hamming})
+        cand_rows, union_pairs, after_dedup, after_cap = run("pair_funnel_counts").fetchone()
+        by_views = {int(n): int(c) for n, c in run("pairs_by_encoder_count").fetchall()}
+        t0 = time.perf_counter()
+        pairs_out = _write(con, sql("pairs_with_hard_negatives"), {"n": n_neg}, PAIRS_SCHEMA, layout.pairs)
+        short = _write(con, sql("pairs_short_of_hard_negatives"), {"n": n_neg}, FAILURE_SCHEMA,
+                       layout.failures_part("pairs"))
+        seconds["write_outputs"] = round(time.perf_counter() - t0, 2)
     finally:
         con.close()
-
-    write_problem_rows(
-        [
-            {
-                "pair_id": pid,
-                "q_id": q,
-                "t_id": t,
-                "stage": "pairs",
-                "reason": "insufficient_hard_negatives",
-                "detail": f"the query's retrieved set offers {avail} eligible negatives, {n_neg} needed",
-                "attempts": 0,
-            }
-            for pid, q, t, avail in short
-        ],
-        FAILURE_SCHEMA,
-        layout.failures_part("pairs"),
-    )
     return {
         "candidate_rows": int(cand_rows),
         "union_pairs": int(union_pairs),
         "near_duplicates_dropped": int(union_pairs - after_dedup),
         "over_query_cap_dropped": int(after_dedup - after_cap),
-        "short_of_hard_negatives": len(short),
+        "short_of_hard_negatives": short,
         "pairs": pairs_out,
         "pairs_by_number_of_encoders": by_views,
+        "step_seconds": seconds,
     }
+
+
+def _write(con, query: str, params: dict, schema: pa.Schema, path) -> int:
+    """Stream a query's result into a Parquet file (atomically); returns the row count."""
+    rows = 0
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for batch in con.sql(query, params=params).to_arrow_reader(BATCH_ROWS):
+            table = pa.Table.from_batches([batch]).cast(schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    return rows

@@ -1,10 +1,12 @@
 -- Pairs whose query's retrieved set cannot supply $n hard negatives: reported, not published.
 SELECT
-    p.pair_id,
-    p.q_id,
-    p.t_id,
-    len(coalesce(h.ranked_negatives, [])) AS available
-FROM capped_pairs AS p
-LEFT JOIN pair_negatives AS h USING (pair_id)
-WHERE len(coalesce(h.ranked_negatives, [])) < $n
-ORDER BY p.pair_id;
+    pair_id,
+    q_id,
+    t_id,
+    'pairs' AS stage,
+    'insufficient_hard_negatives' AS reason,
+    format('the query''s retrieved set offers {} eligible negatives, {} needed', len(negatives), $n) AS detail,
+    0::INTEGER AS attempts
+FROM pair_negatives
+WHERE len(negatives) < $n
+ORDER BY pair_id;

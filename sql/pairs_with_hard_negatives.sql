@@ -1,13 +1,5 @@
 -- Publishable pairs: those with a full set of $n hard negatives.
-SELECT
-    p.pair_id,
-    p.q_id,
-    p.t_id,
-    p.encoders,
-    p.sims,
-    p.max_sim,
-    list_slice(h.ranked_negatives, 1, $n) AS hn_ids
-FROM capped_pairs AS p
-LEFT JOIN pair_negatives AS h USING (pair_id)
-WHERE len(coalesce(h.ranked_negatives, [])) >= $n
-ORDER BY p.pair_id;
+SELECT pair_id, q_id, t_id, encoders, sims, max_sim, list_slice(negatives, 1, $n) AS hn_ids
+FROM pair_negatives
+WHERE len(negatives) >= $n
+ORDER BY pair_id;

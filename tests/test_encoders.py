@@ -206,7 +206,7 @@ def test_every_kind_declares_its_resources():
     for kind in ENCODER_KINDS:
         res = encoder_resources(kind)
         assert isinstance(res, Resources) and res.batch_size >= 1
-        assert res.device == ("cpu" if kind.startswith("classic_") else "gpu-preferred")
+        assert res.device == ("cpu" if kind.startswith("classic_") or kind == "precomputed" else "gpu-preferred")
     with pytest.raises(KeyError, match="unknown encoder kind"):
         encoder_resources("nope")
 
@@ -228,7 +228,7 @@ def test_clip_image_loads_vision_tower_of_full_checkpoint(tiny_clip_dir):
     np.testing.assert_array_equal(vecs, encoder.encode_images(images))
     # The tower-only load must reproduce the full model's projected image features.
     full = CLIPModel.from_pretrained(tiny_clip_dir).eval()
-    pixels = AutoImageProcessor.from_pretrained(tiny_clip_dir)(images=images, return_tensors="pt")
+    pixels = AutoImageProcessor.from_pretrained(tiny_clip_dir, backend="pil")(images=images, return_tensors="pt")
     with torch.inference_mode():
         ref = full.get_image_features(**pixels).pooler_output
     ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
@@ -266,7 +266,7 @@ def test_dinov2_uses_cls_token_after_layernorm(tiny_dinov2_dir):
     assert encoder.dim == 24 and vecs.shape == (len(images), 24) and vecs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     model = Dinov2Model.from_pretrained(tiny_dinov2_dir).eval()
-    pixels = AutoImageProcessor.from_pretrained(tiny_dinov2_dir)(images=images, return_tensors="pt")
+    pixels = AutoImageProcessor.from_pretrained(tiny_dinov2_dir, backend="pil")(images=images, return_tensors="pt")
     with torch.inference_mode():
         cls = model(**pixels).last_hidden_state[:, 0]
     np.testing.assert_allclose(vecs, torch.nn.functional.normalize(cls, dim=-1).numpy(), atol=1e-5)
@@ -281,7 +281,7 @@ def test_clip_image_accepts_other_contrastive_checkpoints(tiny_siglip_dir):
     vecs = encoder.encode_images(images)
     assert encoder.dim == 32 and vecs.shape == (len(images), 32) and vecs.dtype == np.float32
     model = SiglipModel.from_pretrained(tiny_siglip_dir).eval()
-    pixels = AutoImageProcessor.from_pretrained(tiny_siglip_dir)(images=images, return_tensors="pt")
+    pixels = AutoImageProcessor.from_pretrained(tiny_siglip_dir, backend="pil")(images=images, return_tensors="pt")
     with torch.inference_mode():
         ref = model.get_image_features(**pixels).pooler_output
     np.testing.assert_allclose(vecs, torch.nn.functional.normalize(ref, dim=-1).numpy(), atol=1e-5)
@@ -367,3 +367,142 @@ def test_cuda_request_without_cuda_is_a_clear_error(tiny_dinov2_dir):
     else:
         with pytest.raises(EncoderLoadError, match="no CUDA device"):
             build_encoder(enc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing split: resize + crop in the decode worker, normalise on the batch
+
+
+def odd_images() -> list[Image.Image]:
+    """Odd sizes and aspect ratios, one smaller than the crop (padded), one with an odd margin."""
+    rng = np.random.default_rng(3)
+    sizes = [(45, 81), (200, 31), (33, 32), (20, 10), (64, 64), (97, 130)]
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes] + images_for_tests()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_clip_dir", "tiny_dinov2_dir", "tiny_siglip_dir"])
+def test_pixel_recipe_reproduces_the_pil_processor(fixture, request):
+    from transformers import AutoImageProcessor
+
+    from megapairs_ops.encoders.pixels import PixelRecipe, recipe_from_hf_processor
+
+    processor = AutoImageProcessor.from_pretrained(request.getfixturevalue(fixture), backend="pil")
+    recipe = recipe_from_hf_processor(processor, None)
+    assert isinstance(recipe, PixelRecipe)
+    for image in odd_images():
+        item = recipe(image)
+        assert item.dtype == np.uint8 and item.shape == (*recipe.out_size, 3)
+        ours = recipe.to_model_input(recipe.collate([item]), "cpu", __import__("torch").float32).numpy()
+        reference = processor(images=[image], return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_hf_image_encoders_use_the_recipe_and_pickle_for_workers(tiny_clip_dir):
+    import pickle
+
+    encoder = build_encoder(EncoderConfig(name="ci", kind="clip_image", model=str(tiny_clip_dir)))
+    assert encoder.identity["preprocessing"]["pixels"]["recipe"].startswith("pil-resize-crop-uint8")
+    preprocessor = pickle.loads(pickle.dumps(encoder.image_preprocessor()))
+    image = images_for_tests()[1]
+    np.testing.assert_array_equal(preprocessor(image), encoder.prepare_image(image))
+    batch = preprocessor.collate([preprocessor(im) for im in images_for_tests()])
+    np.testing.assert_array_equal(encoder.encode_batch(batch), encoder.encode_images(images_for_tests()))
+    classic = build_encoder(EncoderConfig(name="c", kind="classic_texture", dim=32))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(classic.image_preprocessor()))(image), classic.prepare_image(image))
+
+
+def test_processor_the_recipe_does_not_cover_runs_as_is(tiny_clip_dir, tmp_path):
+    import torch
+    from transformers import AutoImageProcessor, CLIPImageProcessorPil, CLIPModel
+
+    model_dir = tmp_path / "clip-longest-edge"
+    shutil.copytree(tiny_clip_dir, model_dir)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": 32, "longest_edge": 40}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(model_dir)
+    encoder = build_encoder(EncoderConfig(name="ci", kind="clip_image", model=str(model_dir)))
+    assert encoder.identity["preprocessing"]["pixels"] == {"processor_fallback": True}
+    images = odd_images()
+    pixels = AutoImageProcessor.from_pretrained(model_dir, backend="pil")(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        ref = CLIPModel.from_pretrained(model_dir).eval().get_image_features(**pixels).pooler_output
+    np.testing.assert_allclose(encoder.encode_images(images), torch.nn.functional.normalize(ref, dim=-1), atol=1e-5)
+    with pytest.raises(EncoderLoadError, match="image_size is not supported"):
+        build_encoder(EncoderConfig(name="ci", kind="clip_image", model=str(model_dir), image_size=48))
+
+
+@pytest.mark.parametrize("kind, fixture", [("clip_image", "tiny_clip_dir"), ("dinov2", "tiny_dinov2_dir")])
+def test_image_size_resizes_input_and_position_embeddings(kind, fixture, request):
+    import torch
+    from transformers import AutoImageProcessor, CLIPModel, Dinov2Model
+
+    model_dir = request.getfixturevalue(fixture)
+    native = build_encoder(EncoderConfig(name="e", kind=kind, model=str(model_dir)))
+    larger = build_encoder(EncoderConfig(name="e", kind=kind, model=str(model_dir), image_size=48))
+    assert larger.identity != native.identity and larger.dim == native.dim
+    images = odd_images()
+    processor = AutoImageProcessor.from_pretrained(
+        model_dir, backend="pil", size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}
+    )
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        if kind == "clip_image":
+            model = CLIPModel.from_pretrained(model_dir).eval()
+            ref = model.get_image_features(pixel_values=pixels, interpolate_pos_encoding=True).pooler_output
+        else:
+            ref = Dinov2Model.from_pretrained(model_dir).eval()(pixel_values=pixels).pooler_output
+    np.testing.assert_allclose(larger.encode_images(images), torch.nn.functional.normalize(ref, dim=-1), atol=1e-5)
+
+
+def test_open_clip_recipe_follows_its_preprocess_cfg():
+    from types import SimpleNamespace
+
+    from megapairs_ops.encoders.pixels import recipe_from_open_clip
+
+    base = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+    shortest = recipe_from_open_clip(SimpleNamespace(size=224, resize_mode="shortest", **base), None)
+    assert (shortest.resize, shortest.crop, shortest.crop_rounding) == (("shortest_edge", 224), (224, 224), "round")
+    squash = recipe_from_open_clip(SimpleNamespace(size=(224, 224), resize_mode="squash", **base), None)
+    assert (squash.resize, squash.crop) == (("exact", (224, 224)), None)
+    assert recipe_from_open_clip(SimpleNamespace(size=224, resize_mode="longest", **base), None) is None
+    assert recipe_from_open_clip(SimpleNamespace(size=(224, 160), resize_mode="shortest", **base), None) is None
+    # torchvision rounds the crop offset where transformers floors it: a 3-pixel margin splits 2/1.
+    image = Image.fromarray(np.arange(5 * 2 * 3, dtype=np.uint8).reshape(2, 5, 3))
+    narrow = recipe_from_open_clip(SimpleNamespace(size=2, resize_mode="shortest", **base), None)
+    np.testing.assert_array_equal(narrow(image), np.asarray(image)[:, 2:4])
+
+
+def test_open_clip_missing_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # what an image without open_clip_torch sees
+    enc = EncoderConfig(name="eva", kind="open_clip_image", model="EVA02-L-14", pretrained="merged2b_s4b_b131k")
+    with pytest.raises(EncoderLoadError, match="open_clip package is not installed"):
+        build_encoder(enc)
+
+
+def test_open_clip_pretrained_file_must_exist(tmp_path):
+    with pytest.raises(ValueError, match="pretrained weights file"):
+        EncoderConfig(name="eva", kind="open_clip_image", model="EVA02-L-14", pretrained=str(tmp_path / "w.bin"))
+
+
+def test_open_clip_image_and_text_load_through_open_clip(tiny_open_clip_dir):
+    """Runs where open_clip_torch is installed (GPU workers; it needs a CUDA build of torchvision)."""
+    import open_clip
+    import torch
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_open_clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_open_clip_dir}")
+    images = odd_images()
+    texts = ["a red circle", "two blue squares on a striped background " * 20]
+    with torch.inference_mode():
+        image_ref = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True).numpy()
+        text_ref = model.encode_text(tokenizer(texts), normalize=True).numpy()
+
+    image = build_encoder(EncoderConfig(name="oi", kind="open_clip_image", model=str(tiny_open_clip_dir)))
+    assert image.dim == 16 and image.identity["preprocessing"]["recipe"].startswith("pil-resize-crop-uint8")
+    np.testing.assert_allclose(image.encode_images(images), image_ref, atol=1e-5)
+    text = build_encoder(EncoderConfig(name="ot", kind="open_clip_text", model=f"local-dir:{tiny_open_clip_dir}"))
+    np.testing.assert_allclose(text.encode_texts(texts), text_ref, atol=1e-5)
+    sized = build_encoder(EncoderConfig(name="oi", kind="open_clip_image", model=str(tiny_open_clip_dir), image_size=48))
+    assert sized.encode_images(images).shape == (len(images), 16) and sized.identity != image.identity
+    with pytest.raises(EncoderLoadError, match="needs 'pretrained'"):
+        build_encoder(EncoderConfig(name="oi", kind="open_clip_image", model="ViT-B-32"))

@@ -1,10 +1,31 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from megapairs_ops.config import parse_config
-from megapairs_ops.mine import mine_candidates
+from megapairs_ops.config import ConfigError, parse_config
+from megapairs_ops.mine import (
+    finalize_mining,
+    mine_candidates,
+    plan_mining_work,
+    run_mining_work,
+)
+from megapairs_ops.mine_index import (
+    Device,
+    FlatSearcher,
+    MiningResourceError,
+    VectorFile,
+    choose_index,
+    resolve_device,
+)
 from megapairs_ops.storage import RunLayout
 
 
@@ -20,41 +41,293 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _clustered(n: int, d: int, seed: int) -> np.ndarray:
+def _clustered(n: int, d: int, seed: int, noise: float = 0.35) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n // 10, d))
-    return _unit(centres[rng.integers(0, len(centres), n)] + 0.35 * rng.normal(size=(n, d)))
+    return _unit(centres[rng.integers(0, len(centres), n)] + noise * rng.normal(size=(n, d)))
 
 
-def _cfg(band=(0.8, 0.96), k=10, cap=3, batch=64):
+def _cfg(band=(0.8, 0.96), k=10, cap=3, batch=64, **mining):
     return parse_config(
         {
             "encoders": [{"name": "e", "kind": "classic_color_layout", "band": list(band)}],
-            "mining": {"k": k, "max_targets_per_query": cap, "query_batch_size": batch},
+            "mining": {"k": k, "max_targets_per_query": cap, "query_batch_size": batch, **mining},
         }
     )
 
 
+def _brute_force(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, 1), order
+
+
+def _neighbour_rows(layout: RunLayout, ids: list[str]) -> dict[int, tuple[list[int], np.ndarray, list[int]]]:
+    got = pq.read_table(layout.neighbours("e")).to_pandas()
+    index = {v: i for i, v in enumerate(ids)}
+    out = {}
+    for q, rows in got.groupby("q_id"):
+        rows = rows.sort_values("rank")
+        out[index[q]] = ([index[t] for t in rows.t_id], rows.sim.to_numpy(), list(rows["rank"]))
+    return out
+
+
+def _recall(layout: RunLayout, ids: list[str], truth: np.ndarray) -> float:
+    got = _neighbour_rows(layout, ids)
+    hits = sum(len(set(got.get(q, ([],))[0]) & set(truth[q])) for q in range(len(truth)))
+    return hits / truth.size
+
+
+SHARDING = {
+    "one_shard": {},
+    "sharded": {"shard_rows": 64},  # five database shards
+    "sharded_tasks": {"shard_rows": 97, "queries_per_task": 70},  # and five query work items
+}
+
+
+@pytest.mark.parametrize("sharding", SHARDING)
 @pytest.mark.parametrize("data", ["random", "clustered"])
-def test_neighbours_equal_numpy_brute_force(tmp_path, data):
+def test_exact_equals_numpy_brute_force(tmp_path, data, sharding):
     vectors = _unit(np.random.default_rng(1).normal(size=(300, 24))) if data == "random" else _clustered(300, 24, 2)
     layout = RunLayout(tmp_path)
     ids = _write_embeddings(layout, "e", vectors)
-    cfg = _cfg(k=7, batch=50)  # several query batches
-    mine_candidates(cfg, "e", layout)
+    stats = mine_candidates(_cfg(k=7, batch=50, **SHARDING[sharding]), "e", layout)
+    assert stats["index"] == "IndexFlatIP"
+    assert stats["index_plan"]["n_shards"] == {"one_shard": 1, "sharded": 5, "sharded_tasks": 4}[sharding]
 
-    got = pq.read_table(layout.neighbours("e")).to_pandas()
+    true_sims, true_rows = _brute_force(vectors, 7)
     sims = vectors @ vectors.T
-    np.fill_diagonal(sims, -np.inf)
-    for q in range(len(vectors)):
-        rows = got[got.q_id == ids[q]].sort_values("rank")
-        expected = np.sort(sims[q])[::-1][:7]
-        assert list(rows["rank"]) == list(range(1, 8))
-        np.testing.assert_allclose(rows.sim.to_numpy(), expected, atol=1e-5)
+    got = _neighbour_rows(layout, ids)
+    assert len(got) == len(vectors)
+    for q, (t_rows, t_sims, ranks) in got.items():
+        assert ranks == list(range(1, 8))
+        np.testing.assert_allclose(t_sims, true_sims[q], atol=1e-5)
         # Same neighbours up to ties: every returned neighbour's true sim matches its reported sim.
-        t_rows = [ids.index(t) for t in rows.t_id]
-        np.testing.assert_allclose(sims[q, t_rows], rows.sim.to_numpy(), atol=1e-5)
-        assert ids[q] not in set(rows.t_id)
+        np.testing.assert_allclose(sims[q, t_rows], t_sims, atol=1e-5)
+        assert q not in t_rows
+        if data == "random":  # no ties: exactly the brute-force neighbours, in order
+            assert t_rows == list(true_rows[q])
+
+
+def test_sharded_search_merges_to_the_unsharded_result(tmp_path):
+    vectors = _clustered(500, 16, 5)
+    path = tmp_path / "vectors.npy"
+    np.save(path, vectors)
+    file = VectorFile(path)
+    plan = choose_index(_cfg(k=9).mining, 500, 16)
+    whole = np.concatenate([i for _, _, i in FlatSearcher(file, plan, Device("cpu"), 64).search(0, 500)])
+    # Shards of 37 rows, query blocks of 45 rows holding their running top-k, batches of 16.
+    sharded_plan = dataclasses.replace(plan, shard_rows=37, block_rows=45)
+    parts = list(FlatSearcher(file, sharded_plan, Device("cpu"), 16).search(0, 500))
+    assert [first for first, _, _ in parts][:4] == [0, 16, 32, 45]
+    sims = np.concatenate([s for _, s, _ in parts])
+    rows = np.concatenate([i for _, _, i in parts])
+    true_sims = np.sort(vectors @ vectors.T, axis=1)[:, ::-1][:, :10]
+    np.testing.assert_allclose(sims, true_sims, atol=1e-5)
+    assert (rows == whole).mean() > 0.99  # identical up to ties
+
+
+@pytest.mark.parametrize("index", ["ivf_flat", "ivf_pq"])
+def test_approximate_mode_reaches_its_recall_target(tmp_path, index):
+    vectors = _clustered(3000, 32, 6, noise=0.25)
+    layout = RunLayout(tmp_path)
+    ids = _write_embeddings(layout, "e", vectors)
+    cfg = _cfg(k=10, batch=512, index=index, recall_target=0.9, calibration_queries=600, nlist=64)
+    stats = mine_candidates(cfg, "e", layout)
+    plan = stats["index_plan"]
+    assert plan["kind"] == index and plan["nlist"] == 64
+    assert 1 <= plan["nprobe"] < 64  # really approximate: far fewer lists than all
+    assert plan["recall"] >= 0.9 and plan["calibration_queries"] == 600
+    assert _recall(layout, ids, _brute_force(vectors, 10)[1]) >= 0.9
+    # Whatever the index, reported sims are exact inner products (IVF-PQ re-ranks its shortlist).
+    neigh = pq.read_table(layout.neighbours("e")).to_pandas().sample(300, random_state=0)
+    q = [int(v, 16) for v in neigh.q_id]
+    t = [int(v, 16) for v in neigh.t_id]
+    np.testing.assert_allclose(np.einsum("nd,nd->n", vectors[q], vectors[t]), neigh.sim, atol=1e-5)
+
+
+def test_auto_index_choice_follows_size_and_budget():
+    mining = _cfg(exact_max_vectors=1000, memory_budget="4GB").mining
+    assert choose_index(mining, 1000, 64).kind == "flat"
+    ivf = choose_index(mining, 200_000, 64)
+    assert ivf.kind == "ivf_flat" and ivf.nlist == 512 and ivf.train_size == 64 * 512
+    # 2M x 768 float32 is 6 GB: more than the budget, so product quantisation with re-ranking.
+    pq_plan = choose_index(mining, 2_000_000, 768)
+    assert pq_plan.kind == "ivf_pq" and pq_plan.pq_m == 96 and pq_plan.shortlist == 4 * 11
+    # Exact above the budget is sharded; each shard fits what the budget leaves.
+    flat = choose_index(_cfg(index="flat", memory_budget="1GB").mining, 2_000_000, 768)
+    assert flat.n_shards > 1 and flat.shard_rows * 768 * 4 < 10**9
+    assert flat.block_rows >= 64
+    with pytest.raises(MiningResourceError, match="memory_budget"):
+        choose_index(_cfg(memory_budget="50MB").mining, 2_000_000, 768)
+    with pytest.raises(MiningResourceError, match="pq_m"):
+        choose_index(_cfg(index="ivf_pq", pq_m=7).mining, 10_000, 64)
+
+
+def test_mining_keys_are_validated_with_one_line_errors():
+    with pytest.raises(ConfigError, match=r"mining\.memory_budget: 'lots' is not a memory size"):
+        _cfg(memory_budget="lots")
+    with pytest.raises(ConfigError, match=r"nprobe \(9\) must be <= nlist \(8\)"):
+        _cfg(nlist=8, nprobe=9)
+    with pytest.raises(ConfigError, match=r"mining\.index"):
+        _cfg(index="hnsw")
+    with pytest.raises(ConfigError, match=r"mining\.recall_target"):
+        _cfg(recall_target=1.5)
+    assert _cfg(memory_budget="1.5GiB").mining.memory_budget == "1.5GiB"
+
+
+def test_device_resolution_without_gpu():
+    assert resolve_device(_cfg(device="auto").mining) == Device("cpu")
+    with pytest.raises(MiningResourceError, match="faiss-gpu-cu12"):
+        resolve_device(_cfg(device="cuda").mining)
+
+
+@pytest.fixture
+def fake_gpu_faiss(monkeypatch):
+    """FAISS's GPU API with CPU objects behind it, so the GPU code path runs here (there is no
+    GPU on the build machines): resources, per-GPU flat shards, the multi-GPU cloner, and the
+    parameter space. Records what the mining code asked for."""
+    import faiss
+
+    calls = types.SimpleNamespace(flat=[], cloned=[])
+
+    class GpuIndexFlatConfig:
+        device, useFloat16 = 0, False
+
+    def gpu_index_flat_ip(res, dim, cfg):
+        calls.flat.append((cfg.device, cfg.useFloat16))
+        return faiss.IndexFlatIP(dim)
+
+    class GpuMultipleClonerOptions:
+        shard, useFloat16 = False, False
+
+    def index_cpu_to_gpus_list(index, co=None, gpus=None, ngpu=-1):
+        calls.cloned.append((co.shard, co.useFloat16, list(gpus)))
+        return faiss.clone_index(index)
+
+    for name, value in {
+        "StandardGpuResources": lambda: object(),
+        "GpuIndexFlatConfig": GpuIndexFlatConfig,
+        "GpuIndexFlatIP": gpu_index_flat_ip,
+        "GpuMultipleClonerOptions": GpuMultipleClonerOptions,
+        "index_cpu_to_gpus_list": index_cpu_to_gpus_list,
+        "index_gpu_to_cpu": lambda index: faiss.clone_index(index),
+        "GpuParameterSpace": faiss.ParameterSpace,
+        "get_num_gpus": lambda: 2,
+    }.items():
+        monkeypatch.setattr(faiss, name, value, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf_flat"])
+def test_gpu_path_matches_cpu(tmp_path, fake_gpu_faiss, index):
+    vectors = _clustered(600, 16, 8)
+    results = {}
+    for device in ("cpu", "cuda"):
+        layout = RunLayout(tmp_path / device)
+        _write_embeddings(layout, "e", vectors)
+        cfg = _cfg(k=6, band=(0.3, 0.99), index=index, device=device, gpu_float16=True, nlist=16, nprobe=4,
+                   calibration_queries=100)
+        stats = mine_candidates(cfg, "e", layout)
+        assert stats["devices"] == [device]
+        results[device] = pq.read_table(layout.neighbours("e")).to_pandas()
+    pd_cpu, pd_gpu = (results[d].sort_values(["q_id", "rank"]).reset_index(drop=True) for d in ("cpu", "cuda"))
+    np.testing.assert_allclose(pd_cpu.sim, pd_gpu.sim, atol=1e-5)
+    assert (pd_cpu.t_id == pd_gpu.t_id).mean() > 0.99
+    if index == "flat":  # the shard is split over both GPUs, stored as float16 when asked
+        assert fake_gpu_faiss.flat == [(0, True), (1, True)]
+    else:  # the trained IVF index is cloned onto both GPUs, sharded
+        assert (True, True, [0, 1]) in fake_gpu_faiss.cloned
+
+
+def test_work_items_run_in_any_order_and_merge(tmp_path):
+    vectors = _clustered(400, 16, 9)
+    reference = RunLayout(tmp_path / "reference")
+    _write_embeddings(reference, "e", vectors)
+    cfg = _cfg(band=(0.5, 0.95), k=8, queries_per_task=90)
+    expected = mine_candidates(cfg, "e", reference)
+
+    layout = RunLayout(tmp_path / "mapped")
+    _write_embeddings(layout, "e", vectors)
+    items = plan_mining_work(cfg, layout, "e")
+    assert items[0] == {"encoder": "e", "query_start": 0, "query_stop": 80}
+    assert len(items) == 5 and items[-1]["query_stop"] == 400
+    assert json.loads(json.dumps(items)) == items  # small and JSON-able, for XCom
+    for item in reversed(items[1:]):
+        assert not run_mining_work(cfg, layout, item).get("skipped")
+    with pytest.raises(RuntimeError, match="not finished: 0-80"):
+        finalize_mining(cfg, layout, "e")
+    run_mining_work(cfg, layout, items[0])
+    assert run_mining_work(cfg, layout, items[0])["skipped"]
+    stats = finalize_mining(cfg, layout, "e")
+    for key in ("queries", "neighbours", "candidates", "queries_with_candidates", "sim_histogram_0_1_by_0_05"):
+        assert stats[key] == expected[key]
+    for kind in ("candidates", "neighbours"):
+        got = pq.read_table(getattr(layout, kind)("e")).to_pandas()
+        want = pq.read_table(getattr(reference, kind)("e")).to_pandas()
+        cols = ["q_id", "rank"]
+        assert got.sort_values(cols).reset_index(drop=True).equals(want.sort_values(cols).reset_index(drop=True))
+    # Finished: parts are gone, a re-run is a no-op that returns the same stats.
+    assert [p.name for p in (layout.root / "mining" / "e").glob("*/*")] == ["finalized.json"]
+    assert finalize_mining(cfg, layout, "e") == stats
+    assert all(run_mining_work(cfg, layout, item)["skipped"] for item in items)
+
+
+def test_changed_inputs_never_reuse_parts(tmp_path):
+    layout = RunLayout(tmp_path)
+    _write_embeddings(layout, "e", _clustered(200, 8, 10))
+    cfg = _cfg(band=(0.5, 0.99), k=5, queries_per_task=50)
+    first = mine_candidates(cfg, "e", layout)
+    [old] = (layout.root / "mining" / "e").iterdir()
+    np.save(layout.embedding_vectors("e"), _clustered(200, 8, 11))
+    os.utime(layout.embedding_vectors("e"), ns=(1, 1))  # a different file, even on a coarse clock
+    plan_mining_work(cfg, layout, "e")
+    assert not old.exists()  # the old fingerprint's folder is gone
+    second = mine_candidates(cfg, "e", layout)
+    assert second["sim_histogram_0_1_by_0_05"] != first["sim_histogram_0_1_by_0_05"]
+
+
+def test_killed_mining_resumes_without_redoing_finished_items(tmp_path):
+    vectors = _clustered(300, 16, 12)
+    cfg_data = {"encoders": [{"name": "e", "kind": "classic_color_layout", "band": [0.5, 0.95]}],
+                "mining": {"k": 6, "queries_per_task": 60}}
+    cfg = parse_config(cfg_data)
+    reference = RunLayout(tmp_path / "reference")
+    _write_embeddings(reference, "e", vectors)
+    mine_candidates(cfg, "e", reference)
+
+    layout = RunLayout(tmp_path / "killed")
+    _write_embeddings(layout, "e", vectors)
+    # The child dies by SIGKILL right after its second work item is recorded as done.
+    script = textwrap.dedent(f"""
+        import os, signal
+        from megapairs_ops import mine
+        from megapairs_ops.config import parse_config
+        from megapairs_ops.storage import RunLayout
+        done = []
+        real = mine.write_json
+        def write_then_die(obj, path, **kw):
+            real(obj, path, **kw)
+            done.append(path)
+            if len(done) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        mine.write_json = write_then_die
+        mine.mine_candidates(parse_config({cfg_data!r}), "e", RunLayout({str(layout.root)!r}))
+    """)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert child.returncode == -9, child.stderr.decode()[-2000:]
+    finished = sorted((layout.root / "mining" / "e").glob("*/q*.json"))
+    assert len(finished) == 2 and not layout.candidates("e").exists()
+    stamps = [p.stat().st_mtime_ns for p in finished]
+
+    items = plan_mining_work(cfg, layout, "e")
+    redone = [item for item in items if not run_mining_work(cfg, layout, item).get("skipped")]
+    assert len(redone) == 3
+    assert [p.stat().st_mtime_ns for p in finished] == stamps
+    finalize_mining(cfg, layout, "e")
+    for kind in ("candidates", "neighbours"):
+        assert pq.read_table(getattr(layout, kind)("e")).equals(pq.read_table(getattr(reference, kind)("e")))
 
 
 def test_band_and_cap(tmp_path):
@@ -65,14 +338,16 @@ def test_band_and_cap(tmp_path):
     cand = pq.read_table(layout.candidates("e")).to_pandas()
     neigh = pq.read_table(layout.neighbours("e")).to_pandas()
     assert stats["candidates"] == len(cand) > 0
+    assert stats["neighbours"] == len(neigh) == 400 * 10
     assert ((cand.sim > 0.5) & (cand.sim < 0.9)).all()
     assert cand.groupby("q_id").size().max() <= 2
     assert (cand.q_id != cand.t_id).all()
     assert not cand.duplicated(["q_id", "t_id"]).any()
-    # The cap keeps each query's most similar in-band neighbours.
+    # The cap keeps each query's most similar in-band neighbours, after taking the top k.
     in_band = neigh[(neigh.sim > 0.5) & (neigh.sim < 0.9)].sort_values(["q_id", "rank"])
     expected = in_band.groupby("q_id").head(2)
     assert set(zip(expected.q_id, expected.t_id)) == set(zip(cand.q_id, cand.t_id))
+    assert stats["queries_with_candidates"] == cand.q_id.nunique()
 
 
 def test_identical_vectors_are_not_candidates(tmp_path):
@@ -85,6 +360,8 @@ def test_identical_vectors_are_not_candidates(tmp_path):
     copies = {(ids[i], ids[50 + i]) for i in range(5)} | {(ids[50 + i], ids[i]) for i in range(5)}
     assert not copies & set(zip(cand.q_id, cand.t_id))
     assert (cand.sim < 0.96).all()
+    neigh = pq.read_table(layout.neighbours("e")).to_pandas()
+    assert (neigh.q_id != neigh.t_id).all()  # the copy is a neighbour, the query itself never
 
 
 def test_tiny_corpus_and_mismatch(tmp_path):

@@ -18,13 +18,13 @@ from megapairs_ops.config import EncoderConfig
 from megapairs_ops.encoders import EncodeInputError, Encoder, EncoderLoadError, l2_normalise
 
 
-def _torch_dtype(name: str):
+def torch_dtype(name: str):
     import torch
 
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def _pick_device(enc: EncoderConfig) -> str:
+def pick_device(enc: EncoderConfig) -> str:
     import torch
 
     if enc.device == "cuda" and not torch.cuda.is_available():
@@ -63,8 +63,9 @@ def _load_model(cls, enc: EncoderConfig, dtype, **kwargs):
 
     # Loading one tower of a full CLIP checkpoint reports the other tower's weights as "unexpected";
     # that report is noise here, while missing weights (which would be random) are checked below.
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a per-weight bar per task is log noise in Airflow
     try:
         model, info = cls.from_pretrained(
             enc.model,
@@ -78,6 +79,8 @@ def _load_model(cls, enc: EncoderConfig, dtype, **kwargs):
         raise _load_error(enc, exc) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise EncoderLoadError(
@@ -87,14 +90,18 @@ def _load_model(cls, enc: EncoderConfig, dtype, **kwargs):
     return model.eval()
 
 
-def _content_digest(model: str) -> str | None:
-    """For a local directory, a digest of every file: its content, not its path, decides cache reuse."""
+def content_digest(model: str) -> str | None:
+    """For a local directory or file, a digest of its bytes: content, not path, decides cache reuse."""
     root = Path(model).expanduser()
-    if not root.is_dir():
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    else:
         return None
     digest = hashlib.blake2b(digest_size=16)
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
+    for path in files:
+        digest.update(str(path.relative_to(root) if path != root else path.name).encode() + b"\0")
         with path.open("rb") as fh:
             while chunk := fh.read(8 << 20):
                 digest.update(chunk)
@@ -119,7 +126,7 @@ class _HFEncoder(Encoder):
             "kind": enc.kind,
             "model": enc.model,
             "revision": enc.revision or getattr(config, "_commit_hash", None),
-            "content_digest": _content_digest(enc.model),
+            "content_digest": content_digest(enc.model),
             "dtype": str(dtype).removeprefix("torch."),
             "preprocessing": preprocessing,
         }
@@ -129,7 +136,7 @@ class _HFEncoder(Encoder):
         import torch
 
         with torch.inference_mode(), torch.autocast("cuda", dtype=self._dtype, enabled=self._autocast):
-            out = self._features(**{k: v.to(self._device) for k, v in batch.items()})
+            out = self._features(**{k: v.to(self._device, non_blocking=True) for k, v in batch.items()})
         # L2 normalisation in float32: half precision loses the last digits that ranking relies on.
         return l2_normalise(out.float().cpu().numpy())
 
@@ -145,28 +152,91 @@ def _as_tensor(out):
     return out if hasattr(out, "shape") else out.pooler_output
 
 
+class ProcessorPreprocessor:
+    """Fallback per-item half for processors a PixelRecipe does not cover: the processor itself."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return self.processor(images=[image], return_tensors="np")["pixel_values"][0]
+
+    @staticmethod
+    def collate(items: list[np.ndarray]):
+        import torch
+
+        return torch.from_numpy(np.stack(items))
+
+
+_PROBE_PIXELS = np.add.outer(np.arange(41), np.arange(67))[..., None] * np.array([3, 5, 7]) % 256
+
+
+def recipe_or_fallback(recipe, fallback: ProcessorPreprocessor) -> tuple[object, dict]:
+    """The recipe when it reproduces the reference preprocessing on a probe image, else the reference."""
+    if recipe is None:
+        return fallback, {"processor_fallback": True}
+    probe = Image.fromarray(_PROBE_PIXELS.astype(np.uint8))
+    via_recipe = recipe.to_model_input(recipe.collate([recipe(probe)]), "cpu", torch_dtype("float32")).numpy()
+    reference = fallback(probe)[None]
+    if via_recipe.shape != reference.shape or np.abs(via_recipe - reference).max() > 1e-3:
+        return fallback, {"processor_fallback": True}
+    return recipe, recipe.describe()
+
+
 class _ImageEncoder(_HFEncoder):
     def __init__(self, enc, model, config, device, dtype, processor, pooling: str) -> None:
+        from megapairs_ops.encoders.pixels import recipe_from_hf_processor
+
         self._processor = processor
+        self._interpolate = self._needs_interpolation(enc, config)
+        # image_size changes the processor's sizes too, so the fallback only serves native sizes.
+        recipe = recipe_from_hf_processor(processor, enc.image_size)
+        if enc.image_size is not None and recipe is None:
+            raise EncoderLoadError(
+                f"encoder '{enc.name}': image_size is not supported with {type(processor).__name__}; remove it"
+            )
+        self._pre, described = (
+            recipe_or_fallback(recipe, ProcessorPreprocessor(processor))
+            if enc.image_size is None
+            else (recipe, recipe.describe())
+        )
         preprocessing = {
             "processor": type(processor).__name__,
             "settings": _settings_digest(processor.to_dict()),
+            "pixels": described,
             "pooling": pooling,
         }
         super().__init__(enc, model, config, device, dtype, preprocessing)
 
+    @staticmethod
+    def _needs_interpolation(enc: EncoderConfig, config) -> bool:
+        vision = getattr(config, "vision_config", None) or config
+        return enc.image_size is not None and enc.image_size != getattr(vision, "image_size", enc.image_size)
+
+    def image_preprocessor(self):
+        return self._pre
+
     def prepare_image(self, image: Image.Image) -> np.ndarray:
         try:
-            return self._processor(images=[image], return_tensors="np")["pixel_values"]
+            return self._pre(image)
         except Exception as exc:  # noqa: BLE001 - one odd image must not fail the batch
             raise EncodeInputError("preprocess_failed", f"{type(exc).__name__}: {exc}") from exc
 
     def encode_prepared(self, items: list[np.ndarray]) -> np.ndarray:
-        import torch
-
         if not items:
             return np.zeros((0, self.dim), np.float32)
-        pixels = torch.from_numpy(np.concatenate(items)).to(self._dtype)
+        return self.encode_batch(self._pre.collate(items))
+
+    def encode_batch(self, batch) -> np.ndarray:
+        import torch
+
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        with torch.inference_mode():
+            if batch.dtype == torch.uint8:
+                pixels = self._pre.to_model_input(batch, self._device, self._dtype)
+            else:
+                pixels = batch.to(self._device, self._dtype, non_blocking=True)
         return self._forward({"pixel_values": pixels})
 
     def _probe_dim(self) -> int:
@@ -175,9 +245,10 @@ class _ImageEncoder(_HFEncoder):
 
 class ClipImageEncoder(_ImageEncoder):
     def _features(self, pixel_values):
+        extra = {"interpolate_pos_encoding": True} if self._interpolate else {}
         if hasattr(self._model, "get_image_features"):
-            return _as_tensor(self._model.get_image_features(pixel_values=pixel_values))
-        return self._model(pixel_values=pixel_values).image_embeds
+            return _as_tensor(self._model.get_image_features(pixel_values=pixel_values, **extra))
+        return self._model(pixel_values=pixel_values, **extra).image_embeds
 
 
 class Dinov2Encoder(_ImageEncoder):
@@ -248,9 +319,9 @@ def _clip_tower(enc: EncoderConfig, config, tower: str):
 def build(enc: EncoderConfig) -> Encoder:
     import torch
 
-    device = _pick_device(enc)
+    device = pick_device(enc)
     # Half precision only pays on CUDA; on CPU it is slow and some kernels are missing.
-    dtype = _torch_dtype(enc.dtype) if device == "cuda" else torch.float32
+    dtype = torch_dtype(enc.dtype) if device == "cuda" else torch.float32
     config = _load_config(enc)
 
     if enc.kind == "clip_text":
@@ -272,7 +343,9 @@ def build(enc: EncoderConfig) -> Encoder:
     from transformers import AutoImageProcessor, AutoModel
 
     try:
-        processor = AutoImageProcessor.from_pretrained(enc.model, **_hub_kwargs(enc))
+        # The PIL backend is the reference both model families were trained with (torchvision
+        # transforms on PIL images); the tensor backend resizes differently.
+        processor = AutoImageProcessor.from_pretrained(enc.model, backend="pil", **_hub_kwargs(enc))
     except Exception as exc:  # noqa: BLE001
         raise _load_error(enc, exc) from exc
     if enc.kind == "clip_image":
