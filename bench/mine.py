@@ -414,7 +414,7 @@ def main() -> None:
     args.approx_n, args.approx_queries = (1_000_000, 4096) if not quick else (100_000, 1000)
     args.approx_kinds = ["ivf_flat", "ivf_pq"]
     args.recall_target, args.calibration_queries = 0.95, 1000 if not quick else 500
-    args.rss_n = 100_000 if not quick else 30_000
+    args.rss_n = 60_000 if not quick else 30_000
     args.pairs_rows = 50_000_000 if not quick else 2_000_000
     args.pairs_k, args.pairs_memory_limit, args.pairs_threads = 8, "6GB" if not quick else "1GB", None
     skip = set(filter(None, args.skip.split(",")))
