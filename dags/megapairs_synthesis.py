@@ -126,8 +126,26 @@ def megapairs_synthesis():
         _run("embed", encoder)
         return encoder
 
+    @task
+    def plan_mining(embedded: list[str]) -> list[dict]:
+        """Query shards of every encoder; the index is chosen here (and an approximate one trained
+        once), so the mapped shards only search."""
+        from megapairs_ops.mine import plan_mining_work
+
+        ctx = _ctx()
+        return [item for enc in embedded for item in plan_mining_work(ctx.cfg, ctx.layout, enc)]
+
+    @task(map_index_template="{{ task.op_kwargs['item']['encoder'] }}@{{ task.op_kwargs['item']['query_start'] }}")
+    def mine_shard(item: dict) -> None:
+        from megapairs_ops.mine import run_mining_work
+
+        ctx = _ctx()
+        run_mining_work(ctx.cfg, ctx.layout, item)  # atomic per shard; a retry skips finished ones
+
     @task(map_index_template="{{ task.op_kwargs['encoder'] }}")
     def mine(encoder: str) -> str:
+        """Merge the encoder's shards into its candidates (the stage re-plans, finds every shard
+        done, merges) and run the mining gate."""
         _run("mine", encoder)
         return encoder
 
@@ -162,7 +180,9 @@ def megapairs_synthesis():
     ingested = ingest()
     embedded = embed.expand(encoder=encoders)
     encoders >> ingested >> embedded
-    mined = mine.expand(encoder=embedded)
+    shards = mine_shard.expand(item=plan_mining(embedded))
+    mined = mine.expand(encoder=encoders)
+    shards >> mined
     pairs(mined) >> annotate() >> publish() >> report()
 
 

@@ -1,4 +1,4 @@
--- Replacements for rejected hard negatives, drawn like the pairs stage draws negatives: from the
+-- Replacements for rejected hard negatives, from the same pool the pairs stage draws from: the
 -- query's retrieved set (any encoder, below that encoder's upper band edge), never the query, the
 -- target, a negative the pair already has, a rejected image, or a perceptual twin of the target;
 -- seeded, so the same run picks the same replacements. Pairs short of replacements get none.

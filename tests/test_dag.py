@@ -39,11 +39,14 @@ def test_dag_integrity_and_light_parsing(airflow_home):
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["errors"] == {}
     assert info["dags"] == ["megapairs_synthesis"]
-    assert info["tasks"] == ["annotate", "embed", "ingest", "mine", "pairs", "plan_encoders", "publish", "report"]
+    assert info["tasks"] == [
+        "annotate", "embed", "ingest", "mine", "mine_shard", "pairs", "plan_encoders", "plan_mining", "publish", "report"
+    ]
     assert info["params"] == ["config", "corpus", "output_root", "run_name"]
     up = info["upstream"]
     assert up["embed"] == ["ingest", "plan_encoders"]
-    assert up["mine"] == ["embed"] and up["pairs"] == ["mine"]
+    assert up["plan_mining"] == ["embed"] and up["mine_shard"] == ["plan_mining"]
+    assert up["mine"] == ["mine_shard", "plan_encoders"] and up["pairs"] == ["mine"]
     assert up["annotate"] == ["pairs"] and up["publish"] == ["annotate"] and up["report"] == ["publish"]
     # Parsing the DAG must not pull in the pipeline's heavy libraries.
     assert info["heavy"] == []
@@ -105,6 +108,7 @@ def test_dag_test_runs_the_whole_pipeline_like_the_cli(airflow_home, sample_corp
     # One mapped embed and mine task per encoder.
     assert sum(k.startswith("embed[") for k in result["tis"]) == 3
     assert sum(k.startswith("mine[") for k in result["tis"]) == 3
+    assert sum(k.startswith("mine_shard[") for k in result["tis"]) >= 3
 
     dag_layout = RunLayout(out_root / "dagrun")
     stats = read_json(dag_layout.stats)
