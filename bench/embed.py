@@ -12,7 +12,9 @@ wall time spent inside the model, timed in the same window (1.0 = decode and I/O
 
 Model: a randomly initialised CLIP vision tower saved with save_pretrained and loaded through the
 real clip_image loader. CPU: a small ViT (DeiT-Tiny's shape: 192 wide, 12 layers, 3 heads, patch
-16) at 96 px on ~128 px JPEGs; CUDA: ViT-B/16 at 224 px in float16 on ~320x240 JPEGs (the issue's
+16) at its native 224 px on 256x224 JPEGs; `--image-size 96` gives the harder case where the
+model costs ~6x less per image and JPEG decode is ~10% of the work (on 2 cores: ratio ~0.85-0.9,
+with ~128 px JPEGs); CUDA: ViT-B/16 at 224 px in float16 on ~320x240 JPEGs (the issue's
 H100 target: 3,000 images/s).
 """
 
@@ -36,8 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MODELS = {
-    "cpu": {"hidden": 192, "layers": 12, "heads": 3, "image": 96, "patch": 16, "batch": 64,
-            "dtype": "float32", "jpeg": (128, 112)},
+    "cpu": {"hidden": 192, "layers": 12, "heads": 3, "image": 224, "patch": 16, "batch": 64,
+            "dtype": "float32", "jpeg": (256, 224)},
     "cuda": {"hidden": 768, "layers": 12, "heads": 12, "image": 224, "patch": 16, "batch": 256,
              "dtype": "float16", "jpeg": (320, 240)},
 }
@@ -137,6 +139,7 @@ def child(args: argparse.Namespace) -> dict:
     import tqdm.auto  # noqa: F401
 
     forward_rate(1.0)
+    warm_up_pipeline(cfg, encoder, layout)
     before = forward_rate(args.forward_seconds)
     # Time inside the model during the end-to-end run: the same window as the e2e clock, so the
     # share survives a loaded machine (where rates measured minutes apart do not).
@@ -174,12 +177,34 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
+def warm_up_pipeline(cfg, encoder, layout) -> None:
+    """The first batches through a fresh process's pipeline run slow (allocator arenas, page
+    faults, thread start-up); a real task amortises that over ~131k images, so the bench warms
+    the pipeline on 4 batches of other images first, as forward_rate warms the model."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from megapairs_ops.embed import embed_corpus
+    from megapairs_ops.storage import RunLayout
+
+    table = pq.read_table(layout.images)
+    warm = RunLayout(layout.root.with_name(layout.root.name + "-warm-up"))
+    shutil.rmtree(warm.root, ignore_errors=True)
+    warm.images.parent.mkdir(parents=True)
+    pq.write_table(table.slice(max(0, table.num_rows - 256)), warm.images)
+    embed_corpus(cfg, "vit", warm, encoders={"vit": encoder})
+    shutil.rmtree(warm.root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller corpora (500 and 2,000 images)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--decode-workers", default="auto")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="model input side (JPEGs are made 1.15x / 1.0x of it); default: the model's own")
     parser.add_argument("--shard-size", type=int, default=4096)
     parser.add_argument("--forward-seconds", type=float, default=None)
     parser.add_argument("--workdir", default=None, help="keep corpora and model here (default: a temp dir)")
@@ -199,16 +224,19 @@ def main() -> None:
     kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     sizes = args.sizes or ([500, 2000] if args.quick else [2000, 20000])
     forward_seconds = args.forward_seconds or (3.0 if args.quick else 8.0)
-    spec = MODELS[kind]
+    spec = dict(MODELS[kind])
+    if args.image_size:
+        side = args.image_size
+        spec.update(image=side, jpeg=(round(side * 8 / 7), side))
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        model = work / f"vit-{kind}"
+        model = work / f"vit-{kind}-{spec['image']}"
         if not (model / "config.json").is_file():
             build_model(model, spec)
         results = {}
         for n in sizes:
-            run = write_corpus(work / "corpus", n, spec["jpeg"])
+            run = write_corpus(work / f"corpus-{spec['jpeg'][0]}x{spec['jpeg'][1]}", n, spec["jpeg"])
             cmd = [sys.executable, __file__, "--child", "--kind", kind, "--model", str(model), "--run", str(run),
                    "--shard-size", str(args.shard_size), "--forward-seconds", str(forward_seconds),
                    "--decode-workers", str(args.decode_workers)]

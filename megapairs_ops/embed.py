@@ -33,6 +33,7 @@ Functions for orchestration (Airflow maps over the work items):
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ import sys
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -479,13 +481,52 @@ def _run_shards(
                     s for s in shards
                     if not _shard_done(layout, run.name, s, plan.digests[s], run.fingerprint, run.identity)
                 ]
-            _run_encoders(cfg, plan, runs, pending, progress)
+            _keep_freed_memory_mapped()
+            with _gc_frozen():
+                _run_encoders(cfg, plan, runs, pending, progress)
             counts = {run.name: dict(run.totals) for run in runs}
         for e in encs:
             result["encoders"][e.name] = {
                 "shards_skipped": len(shards) - len(pending[e.name]), "reused": 0, "computed": 0, **counts.get(e.name, {})
             }
     return result
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc malloc.h
+
+
+def _keep_freed_memory_mapped() -> None:
+    """Stop glibc handing freed memory back to the kernel in this (embedding) process.
+
+    Every forward pass allocates and frees the same megabytes of activations, and decode frees
+    whole images between batches; by default glibc unmaps or trims those pages and the next batch
+    faults them in again (zeroed by the kernel). Measured on the 2-core CPU bench: +24% forward
+    rate, +35% end to end. Peak RSS does not change (the pages are reused, not added); freed
+    memory is just not returned before the task ends. Process-wide and idempotent; a no-op where
+    the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)  # the largest glibc accepts; also freezes the dynamic one
+    mallopt(_M_TRIM_THRESHOLD, 2**62)
+    mallopt(_M_TOP_PAD, 64 * 2**20)
+
+
+@contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """Keep the interpreter's long-lived objects (torch, transformers: ~400k) out of the garbage
+    collector while batches run: each full collection the loop triggers would rescan them all
+    (~0.2 s, measured as 2.5% of a CPU run)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _run_encoders(
@@ -604,12 +645,18 @@ def _decoded_batches(dataset: _DecodeRows, batch: int, workers: int, pin: bool, 
     if workers == 0:
         threads = len(os.sched_getaffinity(0))
         # In-process: decode a batch on every core (Pillow and numpy release the GIL), then let
-        # the model have the cores; on CPU that beats decoding in parallel with the forward pass.
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        # the model have the cores; on CPU that beats decoding in parallel with the forward pass
+        # (measured: ~0.91 of the forward-only rate against ~0.74 with one worker process).
+        # This thread decodes one slice itself instead of waiting for the pool.
+        with ThreadPoolExecutor(max_workers=max(1, threads - 1)) as pool:
             for chunk in chunks:
                 step = -(-len(chunk) // threads)
-                parts = pool.map(lambda part: [dataset[i] for i in part], [chunk[j : j + step] for j in range(0, len(chunk), step)])
-                yield collate([row for part in parts for row in part])
+                slices = [chunk[j : j + step] for j in range(0, len(chunk), step)]
+                others = [pool.submit(lambda part: [dataset[i] for i in part], part) for part in slices[1:]]
+                rows = [dataset[i] for i in slices[0]]
+                for future in others:
+                    rows += future.result()
+                yield collate(rows)
         return
     from torch.utils.data import DataLoader
 
