@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# open_clip for the CPU tests only, outside the venv's site-packages: requirements-open-clip-test.txt
+OPEN_CLIP_TEST_DIR := $(VENV)/open-clip-test
 AIRFLOW_HOME_DIR := $(CURDIR)/.airflow
 DEMO_CORPUS := $(CURDIR)/data/sample_corpus
 DEMO_OUT := $(CURDIR)/runs/demo
@@ -28,11 +30,13 @@ export GX_ANALYTICS_ENABLED := False
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements.lock pyproject.toml
+$(STAMP): requirements.txt requirements.lock requirements-open-clip-test.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt -c requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	rm -rf $(OPEN_CLIP_TEST_DIR)
+	$(BIN)/python -m pip install --quiet --no-deps --target $(OPEN_CLIP_TEST_DIR) -r requirements-open-clip-test.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -49,7 +53,10 @@ test: $(STAMP)
 		echo "make test: installing chromium for the report's browser test"; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not open_clip" $(PYTEST_ARGS)
+	@echo "make test: open_clip tests (open_clip and a CUDA torchvision's transforms on CPU torch)"
+	PYTHONPATH=$(OPEN_CLIP_TEST_DIR) $(BIN)/python -m pytest -q -p tests.fixtures.torchvision_cpu -m open_clip $(PYTEST_ARGS) \
+		|| [ $$? -eq 5 ]  # 5: PYTEST_ARGS selected no open_clip test
 
 clean:
 	rm -rf $(AIRFLOW_HOME_DIR) runs data .pytest_cache

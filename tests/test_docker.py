@@ -285,10 +285,16 @@ def test_gpu_dockerfile():
     assert any(i == "ARG" and a.startswith("INSTALL_VLLM=") for i, a in steps)
     runs = " ".join(a for i, a in steps if i == "RUN")
     assert "python3.11 -m venv" in runs
-    assert "^faiss-gpu-cu12==" in runs and "^vllm==" in runs and "'^faiss-cpu=='" in runs
+    assert "^(faiss-gpu-cu12|open_clip_torch|timm|ftfy)==" in runs and "^vllm==" in runs and "'^faiss-cpu=='" in runs
+    assert "^torchvision==" in runs and "import faiss, torch, open_clip" in runs
     assert "-c /tmp/constraints.txt" in runs
     gpu_reqs = (REPO / "requirements-gpu.txt").read_text()
-    assert re.search(r"^faiss-gpu-cu12==", gpu_reqs, re.M) and re.search(r"^vllm==", gpu_reqs, re.M)
+    for package in ("faiss-gpu-cu12", "vllm", "open_clip_torch", "timm", "ftfy", "torchvision"):
+        assert re.search(rf"^{package}==", gpu_reqs, re.M), package
+    # The CPU test pass installs the same open_clip pins as the GPU image.
+    cpu_test = (REPO / "requirements-open-clip-test.txt").read_text()
+    for pin in re.findall(r"^(?:open_clip_torch|timm|ftfy|torchvision)==\S+$", cpu_test, re.M):
+        assert re.search(rf"^{re.escape(pin)}$", gpu_reqs, re.M), pin
     _check_project_layout(steps)
 
 

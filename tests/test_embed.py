@@ -231,6 +231,35 @@ def test_model_backed_encoders_run_through_the_stage(tmp_path, tiny_clip_dir, ti
             np.testing.assert_allclose(vectors, encoder.encode_images(images), atol=1e-5)
 
 
+@pytest.mark.open_clip
+def test_open_clip_encoders_run_through_the_stage(tmp_path, tiny_open_clip_dir):
+    """open_clip image and text kinds through the sharded stage (shared decode, shards of 3),
+    with the vectors open_clip's own transform and model give."""
+    import open_clip
+    import torch
+
+    layout, _ = make_run(tmp_path, n_good=5)
+    cfg = config(
+        {"name": "eva", "kind": "open_clip_image", "model": str(tiny_open_clip_dir)},
+        {"name": "eva-text", "kind": "open_clip_text", "model": f"local-dir:{tiny_open_clip_dir}"},
+        shard_size=3,
+    )
+    stats = embed_corpus_multi(cfg, ["eva", "eva-text"], layout)
+    assert (stats["eva"]["dim"], stats["eva"]["quarantined"]) == (16, 3)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_open_clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_open_clip_dir}")
+    rows = {r["image_id"]: r for r in pq.read_table(layout.images).to_pylist()}
+    vectors, ids, _ = read_outputs(layout, "eva")
+    images = [media.load_rgb(media.read_image_bytes(rows[i]["path"]), 10**8) for i in ids]
+    with torch.inference_mode():
+        reference = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True).numpy()
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)
+    text_vectors, text_ids, _ = read_outputs(layout, "eva-text")
+    with torch.inference_mode():
+        text_reference = model.encode_text(tokenizer([rows[i]["caption"] for i in text_ids]), normalize=True).numpy()
+    np.testing.assert_allclose(text_vectors, text_reference, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared decode and decode workers
 
