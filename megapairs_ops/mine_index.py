@@ -244,6 +244,15 @@ def merge_topk(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k
     return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
 
 
+def merge_topk_by_row(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray, k: int):
+    """Best k of two result lists of database rows per query; equal sims in descending row, the
+    order in which FAISS's heaps hand equal values back, so that merging the results of two parts
+    of a database (one exact search each) usually lists ties as one search over all of it would."""
+    d, i = np.concatenate([d1, d2], axis=1), np.concatenate([i1, i2], axis=1)
+    order = np.lexsort((-i, -d), axis=1)[:, :k]  # none (-1) has sim -inf: last
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
 def topk_rows(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top k of each row of `sims` (any width), sorted; ids has the shape of sims. Pads with -1."""
     rows, width = sims.shape
@@ -285,30 +294,48 @@ class FlatSearcher:
 
     def search(self, start: int, stop: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield (first query row, sims, database rows) per query batch of rows [start, stop)."""
-        kk, shards = self.plan.kk, self.shards()
+        for offset, sims, idx in self.search_rows(np.arange(start, stop)):
+            yield start + offset, sims, idx
+
+    def search_rows(self, rows: np.ndarray, queries: VectorFile | None = None
+                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield (offset into `rows`, sims, database rows) per query batch. The queries are rows
+        `rows` of `queries` (default: this database's own file), in any order; contiguous runs
+        are read with pread."""
+        source = self.vectors if queries is None else queries
+        kk, shards, n = self.plan.kk, self.shards(), len(rows)
         if len(shards) == 1:
             shard = self._load(0, *shards[0])
-            for a in range(start, stop, self.batch):
-                b = min(a + self.batch, stop)
-                yield a, *shard.search(self.vectors.read(a, b), kk)
+            for a in range(0, n, self.batch):
+                b = min(a + self.batch, n)
+                yield a, *shard.search(read_rows(source, rows[a:b]), kk)
             return
         # Several shards: a block of queries keeps its running top-k while every shard passes by,
         # so each shard is read once per block rather than once per batch.
-        for block_start in range(start, stop, self.plan.block_rows):
-            block_stop = min(block_start + self.plan.block_rows, stop)
+        for block_start in range(0, n, self.plan.block_rows):
+            block_stop = min(block_start + self.plan.block_rows, n)
             best_d = np.full((block_stop - block_start, kk), -np.inf, dtype=np.float32)
             best_i = np.full((block_stop - block_start, kk), -1, dtype=np.int64)
             for number, (s0, s1) in enumerate(shards):
                 shard = self._load(number, s0, s1)
                 for a in range(block_start, block_stop, self.batch):
                     b = min(a + self.batch, block_stop)
-                    d, i = shard.search(self.vectors.read(a, b), min(kk, s1 - s0))
+                    d, i = shard.search(read_rows(source, rows[a:b]), min(kk, s1 - s0))
                     i = np.where(i >= 0, i + s0, -1)
                     r = slice(a - block_start, b - block_start)
                     best_d[r], best_i[r] = merge_topk(best_d[r], best_i[r], d, i, kk)
             for a in range(0, len(best_d), self.batch):
                 b = min(a + self.batch, len(best_d))
                 yield block_start + a, best_d[a:b], best_i[a:b]
+
+
+def read_rows(vectors: VectorFile, rows: np.ndarray) -> np.ndarray:
+    """Rows of a vector file: one pread when they are a contiguous ascending run, else gathered."""
+    if not len(rows):
+        return np.empty((0, vectors.dim), dtype=np.float32)
+    if (np.diff(rows) == 1).all():
+        return vectors.read(int(rows[0]), int(rows[-1]) + 1)
+    return vectors.take(np.asarray(rows, dtype=np.int64))
 
 
 class _CpuFlat:
