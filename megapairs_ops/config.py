@@ -277,6 +277,10 @@ class MiningConfig(_Strict):
     queries_per_task: Annotated[int, Field(ge=1)] = 2_000_000
     gpus: Annotated[int, Field(ge=1)] | None = None
     gpu_float16: bool = False
+    # Reuse the exact neighbours of a published version under the same output root: only new
+    # images are searched against the whole corpus, old queries only against the new images
+    # (docs/mining.md).
+    incremental: bool = True
 
     @model_validator(mode="after")
     def _k_covers_negatives(self) -> "MiningConfig":

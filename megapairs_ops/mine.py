@@ -14,6 +14,14 @@ The work is split into query ranges so Airflow can map them to tasks:
     finalize_mining(cfg, layout, encoder)             # parts -> candidates/{enc}.parquet, neighbours/...
 `mine_candidates` runs the three in one process. Parts live under mining/{enc}/{fingerprint}/, the
 fingerprint covering the config and the embeddings, so a changed input never reuses stale parts.
+
+Incremental mining (mining.incremental, mine_incremental.py): plan_mining_work looks for an earlier
+run under the same output root whose exact neighbours of this encoder can be reused, and records
+its decision in plan.json (mode full or incremental, and why). The work items stay query ranges:
+inside each, new images are searched against the whole corpus and old queries merge their parent
+list with a search over the new images only; output rows come in query row order either way, so
+the files equal a full recompute. Incremental parts are named after their plan
+(inc-<plan id>-q...), so parts of another decision are never merged.
 """
 
 from __future__ import annotations
@@ -27,23 +35,27 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import PipelineConfig
+from .config import MiningConfig, PipelineConfig, parse_bytes
+from .mine_incremental import IncrementalPlan, NoIncremental, changed_since_found, find_parent, prepare, write_meta
 from .mine_index import (
     FlatSearcher,
     IndexPlan,
     IvfSearcher,
+    MiningResourceError,
     VectorFile,
     choose_index,
     ensure_ivf,
+    exclusive,
+    merge_topk_by_row,
     resolve_device,
 )
-from .storage import RunLayout, atomic_path, read_json, write_json
+from .storage import RunLayout, atomic_dir, atomic_path, read_json, write_json
 
 log = logging.getLogger("megapairs")
 
@@ -53,6 +65,16 @@ CANDIDATE_SCHEMA = pa.schema(
 # Bumped when mining output semantics change, so parts of an older version are never merged.
 MINE_CODE_VERSION = "2"
 HIST_BINS = 20  # sims of all neighbours, bins over [0, 1]
+# Counts of an incremental plan that the stage's stats carry (stats.json, the curator report).
+INCREMENTAL_KEYS = ("parent", "parent_run_dir", "queries_from_parent", "new_queries", "changed_vectors",
+                    "remined_queries", "queries_searched_in_full", "old_queries_searched_against_new",
+                    "new_rows", "removed_images")
+
+
+def split_budget(mining: MiningConfig, **update: Any) -> MiningConfig:
+    """Incremental mining holds two exact indexes at once (the whole corpus for new queries, the
+    new images for old ones): each gets half of mining.memory_budget."""
+    return mining.model_copy(update={"memory_budget": parse_bytes(mining.memory_budget) // 2, **update})
 
 
 @dataclass
@@ -75,8 +97,44 @@ class _Work:
         return vectors
 
     @cached_property
-    def plan(self) -> IndexPlan:
+    def full_plan(self) -> IndexPlan:
         return choose_index(self.cfg.mining, self.vectors.n, self.vectors.dim)
+
+    @property
+    def mode_file(self) -> Path:
+        return self.dir / "plan.json"
+
+    @cached_property
+    def mode(self) -> dict:
+        """The decision of plan_mining_work: {"mode": "full"|"incremental", "reason", ...}."""
+        if not self.mode_file.is_file():
+            raise RuntimeError(f"mining '{self.encoder}' is not planned in {self.dir}; run plan_mining_work first")
+        return read_json(self.mode_file)
+
+    @cached_property
+    def incremental(self) -> IncrementalPlan | None:
+        return IncrementalPlan(self.dir / self.mode["folder"]) if self.mode["mode"] == "incremental" else None
+
+    @cached_property
+    def plan(self) -> IndexPlan:
+        if self.incremental is None:
+            return self.full_plan
+        return choose_index(split_budget(self.cfg.mining), self.vectors.n, self.vectors.dim)
+
+    @cached_property
+    def new_plan(self) -> IndexPlan:
+        """Incremental: the exact index over the new images that old queries search."""
+        return choose_index(split_budget(self.cfg.mining, index="flat"), len(self.incremental.new_rows),
+                            self.vectors.dim)
+
+    @property
+    def exact(self) -> bool:
+        return self.full_plan.kind == "flat" and not self.cfg.mining.gpu_float16
+
+    @property
+    def tag(self) -> str:
+        """Part name prefix: incremental parts carry their plan, so another plan's never merge."""
+        return f"inc-{self.mode['plan_id']}-" if self.incremental is not None else ""
 
     @cached_property
     def fingerprint(self) -> str:
@@ -86,8 +144,10 @@ class _Work:
 
         payload = {
             "version": MINE_CODE_VERSION,
-            # How queries are cut into tasks and batches does not change any result.
-            "mining": self.cfg.mining.model_dump(mode="json", exclude={"queries_per_task", "query_batch_size"}),
+            # How queries are cut into tasks and batches, and whether an earlier run's neighbours
+            # are reused, does not change any result (plan.json records the reuse decision).
+            "mining": self.cfg.mining.model_dump(
+                mode="json", exclude={"queries_per_task", "query_batch_size", "incremental"}),
             "band": list(self.cfg.encoder(self.encoder).band),
             "seed": self.cfg.seed,
             "vectors": stat(self.layout.embedding_vectors(self.encoder)),
@@ -104,10 +164,10 @@ class _Work:
         return self.root / self.fingerprint
 
     def part(self, item: dict, kind: str) -> Path:
-        return self.dir / f"q{item['query_start']:012d}-{item['query_stop']:012d}.{kind}.parquet"
+        return self.dir / f"{self.tag}q{item['query_start']:012d}-{item['query_stop']:012d}.{kind}.parquet"
 
     def item_stats(self, item: dict) -> Path:
-        return self.dir / f"q{item['query_start']:012d}-{item['query_stop']:012d}.json"
+        return self.dir / f"{self.tag}q{item['query_start']:012d}-{item['query_stop']:012d}.json"
 
     @property
     def finalized(self) -> Path:
@@ -144,20 +204,67 @@ class _Work:
 
 
 def plan_mining_work(cfg: PipelineConfig, layout: RunLayout, encoder: str) -> list[dict]:
-    """Query ranges of one encoder, one work item each. Decides (and logs) the index; for the
-    approximate indexes it also trains, fills and calibrates the shared IVF index, so this step
-    needs the same worker as mining (minutes at scale). Cheap when everything is done already."""
+    """Query ranges of one encoder, one work item each. Decides (and logs) full or incremental
+    mining and the index; for the approximate indexes it also trains, fills and calibrates the
+    shared IVF index, and an incremental plan prepares its parent lists (a linear pass), so this
+    step needs the same worker as mining (minutes at scale). Cheap when everything is done already."""
     work = _Work(cfg, layout, encoder)
     items = work.items()
     if work.is_finalized():
         return items
-    plan = work.plan
-    log.info("mining %s: %s, %s; %d shard(s) of <= %d rows; %d work item(s)", encoder, plan.faiss_name,
-             plan.reason, plan.n_shards, plan.shard_rows, len(items))
     _drop_stale(work)
+    mode = _ensure_mode(work)
+    plan = work.plan
+    log.info("mining %s: %s, %s; %d shard(s) of <= %d rows; %d work item(s); %s mining: %s", encoder,
+             plan.faiss_name, plan.reason, plan.n_shards, plan.shard_rows, len(items), mode["mode"], mode["reason"])
     if plan.kind != "flat" and work.vectors.n >= 2:
         work.searcher()
     return items
+
+
+def _ensure_mode(work: _Work) -> dict:
+    """plan.json of this fingerprint: kept once written (its items may have run), else decided."""
+    with exclusive(work.dir / ".plan.lock"):
+        if not work.mode_file.is_file():
+            write_json(_decide(work), work.mode_file)
+    return work.mode
+
+
+def _decide(work: _Work) -> dict:
+    mining, n, dim = work.cfg.mining, work.vectors.n, work.vectors.dim
+    for stale in work.dir.iterdir():  # arrays and parts of an earlier, unfinished decision
+        if stale.name.startswith(("inc-", ".inc-")):
+            _remove(stale)
+    try:
+        if not mining.incremental:
+            raise NoIncremental("mining.incremental is off")
+        if n < 2:
+            raise NoIncremental("fewer than two images")
+        if work.full_plan.kind != "flat":
+            raise NoIncremental(f"the {work.full_plan.faiss_name} index is approximate; only the exact index "
+                                "(flat) reuses neighbours")
+        if mining.gpu_float16:
+            raise NoIncremental("mining.gpu_float16 stores vectors in float16, which is not exact")
+        try:
+            choose_index(split_budget(mining), n, dim)
+        except MiningResourceError as exc:
+            raise NoIncremental(f"half of mining.memory_budget is too small for two indexes ({exc})") from None
+        parent = find_parent(work.layout, work.encoder, mining.k, dim, MINE_CODE_VERSION)
+        described = parent.describe()
+        plan_id = hashlib.sha256(json.dumps([work.fingerprint, described], sort_keys=True).encode()).hexdigest()[:12]
+        folder = f"inc-{plan_id}"
+        with atomic_dir(work.dir / folder) as tmp:
+            counts = prepare(tmp, work.layout, work.encoder, work.vectors, parent, mining)
+            # The parent was read over a while: it must still be what its record says.
+            changed = changed_since_found(parent, work.encoder)
+            if changed:
+                raise NoIncremental(f"{parent.version} changed while it was read: {changed}")
+    except NoIncremental as exc:
+        log.info("mining %s: full mining: %s", work.encoder, exc)
+        return {"mode": "full", "reason": str(exc)}
+    reason = f"reusing the exact neighbours of {parent.version}"
+    log.info("mining %s: incremental, %s: %s", work.encoder, reason, counts)
+    return {"mode": "incremental", "reason": reason, "plan_id": plan_id, "folder": folder, **counts}
 
 
 def run_mining_work(cfg: PipelineConfig, layout: RunLayout, item: dict) -> dict:
@@ -181,27 +288,33 @@ def run_mining_work(cfg: PipelineConfig, layout: RunLayout, item: dict) -> dict:
             pq.ParquetWriter(cand_tmp, CANDIDATE_SCHEMA, compression="zstd") as cand_writer,
             pq.ParquetWriter(neigh_tmp, CANDIDATE_SCHEMA, compression="zstd") as neigh_writer,
         ):
-            if work.vectors.n >= 2 and stop > start:
+            if work.incremental is not None:
+                batches = _incremental_batches(work, start, stop, stats)
+            elif work.vectors.n >= 2 and stop > start:
                 searcher, device, _ = work.searcher()
                 stats["device"] = device.kind
-                for first, sims, idx in searcher.search(start, stop):
-                    neigh, cand, with_cand = _select(work.ids, first, sims, idx, k, lo, hi, cap)
-                    neigh_writer.write_table(neigh)
-                    cand_writer.write_table(cand)
-                    stats["neighbours"] += neigh.num_rows
-                    stats["candidates"] += cand.num_rows
-                    stats["queries_with_candidates"] += with_cand
-                    hist = np.histogram(np.clip(neigh.column("sim").to_numpy(), 0, 1), bins=HIST_BINS, range=(0, 1))
-                    stats["sim_histogram"] = (np.asarray(stats["sim_histogram"]) + hist[0]).tolist()
+                batches = ((np.arange(first, first + len(sims)), sims, idx)
+                           for first, sims, idx in searcher.search(start, stop))
+            else:
+                batches = iter(())
+            for rows, sims, idx in batches:
+                neigh, cand, with_cand = _select(work.ids, rows, sims, idx, k, lo, hi, cap)
+                neigh_writer.write_table(neigh)
+                cand_writer.write_table(cand)
+                stats["neighbours"] += neigh.num_rows
+                stats["candidates"] += cand.num_rows
+                stats["queries_with_candidates"] += with_cand
+                hist = np.histogram(np.clip(neigh.column("sim").to_numpy(), 0, 1), bins=HIST_BINS, range=(0, 1))
+                stats["sim_histogram"] = (np.asarray(stats["sim_histogram"]) + hist[0]).tolist()
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(stats, work.item_stats(item))  # last: the item counts as done only now
     return {**item, **{key: stats[key] for key in ("queries", "neighbours", "candidates", "seconds")}}
 
 
-def _select(ids: pa.Array, first: int, sims: np.ndarray, idx: np.ndarray, k: int, lo: float, hi: float,
+def _select(ids: pa.Array, rows: np.ndarray, sims: np.ndarray, idx: np.ndarray, k: int, lo: float, hi: float,
             cap: int) -> tuple[pa.Table, pa.Table, int]:
-    """Neighbours and in-band candidates of one batch of queries (rows first, first + 1, ...)."""
-    rows = np.arange(first, first + len(sims))[:, None]
+    """Neighbours and in-band candidates of one batch of queries (query rows `rows`, ascending)."""
+    rows = np.asarray(rows, dtype=np.int64)[:, None]
     # A query can tie with an identical vector ahead of itself, so self is dropped by row, not position.
     keep = (idx != rows) & (idx >= 0)
     rank = np.cumsum(keep, axis=1)  # 1-based among the query's own neighbours
@@ -213,6 +326,87 @@ def _select(ids: pa.Array, first: int, sims: np.ndarray, idx: np.ndarray, k: int
     return (_table(ids, q[keep], idx[keep], sims[keep], rank[keep]),
             _table(ids, q[in_band], idx[in_band], sims[in_band], rank[in_band]),
             int(in_band.any(axis=1).sum()))
+
+
+class _RowStream:
+    """Blocks of (ascending query rows, sims, database rows), handed out up to a given row."""
+
+    def __init__(self, blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+        self.blocks, self.pos = blocks, 0
+        self.rows = np.empty(0, dtype=np.int64)
+        self.sims = self.idx = None
+
+    def until(self, stop: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        pieces = []
+        while True:
+            if self.pos >= len(self.rows):
+                block = next(self.blocks, None)
+                if block is None:
+                    return pieces
+                (self.rows, self.sims, self.idx), self.pos = block, 0
+                continue
+            end = self.pos + int(np.searchsorted(self.rows[self.pos:], stop))
+            pieces.append((self.rows[self.pos:end], self.sims[self.pos:end], self.idx[self.pos:end]))
+            self.pos = end
+            if end < len(self.rows):
+                return pieces
+
+
+def _searched_blocks(searcher: FlatSearcher, rows: np.ndarray, block: int, queries: VectorFile | None = None):
+    """Search `rows` in blocks (each shard read once per block); yields (rows, sims, database rows)."""
+    for a in range(0, len(rows), block):
+        part = rows[a:a + block]
+        sims = np.empty((len(part), searcher.plan.kk), dtype=np.float32)
+        idx = np.empty((len(part), searcher.plan.kk), dtype=np.int64)
+        for offset, d, i in searcher.search_rows(part, queries):
+            sims[offset:offset + len(d)], idx[offset:offset + len(d)] = d, i
+        yield part, sims, idx
+
+
+def _old_query_blocks(work: _Work, rows: np.ndarray, device) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Old queries: the parent's top k merged with their top k among the new images."""
+    inc, k, batch = work.incremental, work.cfg.mining.k, work.cfg.mining.query_batch_size
+    new_rows = inc.new_rows
+    if not len(new_rows):
+        for a in range(0, len(rows), max(batch, work.plan.block_rows // 2)):
+            part = rows[a:a + max(batch, work.plan.block_rows // 2)]
+            yield part, *inc.parent_lists(part)
+        return
+    newer = FlatSearcher(inc.new_vectors, work.new_plan, device, batch)
+    for part, sims, idx in _searched_blocks(newer, rows, max(batch, work.new_plan.block_rows // 2), work.vectors):
+        parent_sims, parent_rows = inc.parent_lists(part)
+        idx = np.where(idx >= 0, new_rows[np.maximum(idx, 0)], -1)
+        # Deterministic, and ties mostly as the exact search lists them (merge_topk_by_row).
+        yield part, *merge_topk_by_row(parent_sims, parent_rows, sims, idx, k)
+
+
+def _incremental_batches(work: _Work, start: int, stop: int, stats: dict):
+    """Query rows [start, stop) in batches of query_batch_size, ascending: new (and re-mined)
+    queries searched against the whole corpus, old ones from _old_query_blocks."""
+    inc, k, batch = work.incremental, work.cfg.mining.k, work.cfg.mining.query_batch_size
+    kind = np.asarray(inc.kind[start:stop])
+    full_rows, old_rows = np.flatnonzero(kind == 0) + start, np.flatnonzero(kind == 1) + start
+    device = resolve_device(work.cfg.mining)
+    streams = []
+    if len(full_rows):
+        searcher, device, _ = work.searcher()
+        streams.append(_RowStream(_searched_blocks(searcher, full_rows, max(batch, work.plan.block_rows // 2))))
+    if len(old_rows):
+        streams.append(_RowStream(_old_query_blocks(work, old_rows, device)))
+    if streams:
+        stats["device"] = device.kind
+    width = max(work.plan.kk, k)
+    for a in range(start, stop, batch):
+        pieces = [piece for stream in streams for piece in stream.until(min(a + batch, stop))]
+        rows = np.concatenate([p[0] for p in pieces])
+        sims = np.full((len(rows), width), -np.inf, dtype=np.float32)
+        idx = np.full((len(rows), width), -1, dtype=np.int64)
+        at = 0
+        for _, d, i in pieces:
+            sims[at:at + len(d), :d.shape[1]], idx[at:at + len(d), :d.shape[1]] = d, i
+            at += len(d)
+        order = np.argsort(rows, kind="stable")
+        yield rows[order], sims[order], idx[order]
 
 
 def finalize_mining(cfg: PipelineConfig, layout: RunLayout, encoder: str) -> dict:
@@ -237,9 +431,14 @@ def finalize_mining(cfg: PipelineConfig, layout: RunLayout, encoder: str) -> dic
             for path in paths:
                 for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16):
                     w.write_batch(batch)
+    write_meta(layout, encoder, k=cfg.mining.k, exact=work.exact, code_version=MINE_CODE_VERSION,
+               dim=work.vectors.dim)
     lo, hi = cfg.encoder(encoder).band
     ivf_meta = work.dir / "ivf.json"
+    mode = work.mode
     stats = {
+        "mode": mode["mode"],
+        "mode_reason": mode["reason"],
         "queries": sum(p["queries"] for p in parts),
         "neighbours": sum(p["neighbours"] for p in parts),
         "candidates": sum(p["candidates"] for p in parts),
@@ -253,11 +452,20 @@ def finalize_mining(cfg: PipelineConfig, layout: RunLayout, encoder: str) -> dic
         "search_seconds": round(sum(p["seconds"] for p in parts), 3),
         "sim_histogram_0_1_by_0_05": np.sum([p["sim_histogram"] for p in parts], axis=0).astype(int).tolist(),
     }
+    if work.incremental is not None:
+        stats["incremental"] = {key: mode[key] for key in INCREMENTAL_KEYS}
     write_json(stats, work.finalized)
     for path in work.dir.iterdir():
         if path != work.finalized:
-            path.unlink(missing_ok=True)
+            _remove(path)
     return stats
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _drop_stale(work: _Work) -> None:

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,7 @@ from megapairs_ops.mine_index import (
     MiningResourceError,
     VectorFile,
     choose_index,
+    merge_topk_by_row,
     resolve_device,
 )
 from megapairs_ops.storage import RunLayout
@@ -309,7 +311,8 @@ def test_killed_mining_resumes_without_redoing_finished_items(tmp_path):
         real = mine.write_json
         def write_then_die(obj, path, **kw):
             real(obj, path, **kw)
-            done.append(path)
+            if path.name.startswith("q"):  # a work item's record, not the plan
+                done.append(path)
             if len(done) == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
         mine.write_json = write_then_die
@@ -371,3 +374,242 @@ def test_tiny_corpus_and_mismatch(tmp_path):
     pq.write_table(pa.table({"image_id": ["a", "b"]}), layout.embedding_ids("e"))
     with pytest.raises(ValueError, match="inconsistent"):
         mine_candidates(_cfg(k=3), "e", layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Incremental mining: a grown corpus reuses an earlier run's exact neighbours.
+
+
+def _write_run(layout: RunLayout, ids: list[str], vectors: np.ndarray) -> None:
+    layout.embedding_dir("e").mkdir(parents=True)
+    np.save(layout.embedding_vectors("e"), vectors.astype(np.float32))
+    pq.write_table(pa.table({"image_id": ids}), layout.embedding_ids("e"))
+
+
+def _publish(layout: RunLayout, when: str = "2026-01-01T00:00:00Z") -> None:
+    """What catalogue.record_version leaves behind: the run is a dataset version."""
+    (layout.root / "manifest.json").write_text(json.dumps({"version": layout.root.name, "published_at": when}))
+
+
+def _mine_mapped(cfg, layout: RunLayout) -> dict:
+    """The Airflow way: plan, the items in reverse order, a re-plan (finds them done), finalize."""
+    items = plan_mining_work(cfg, layout, "e")
+    for item in reversed(items):
+        assert not run_mining_work(cfg, layout, item).get("skipped")
+    assert plan_mining_work(cfg, layout, "e") == items
+    assert all(run_mining_work(cfg, layout, item)["skipped"] for item in items)
+    return finalize_mining(cfg, layout, "e")
+
+
+def _assert_same_outputs(got: RunLayout, want: RunLayout) -> None:
+    """Row for row (query order, then rank); sims to float precision."""
+    for kind in ("neighbours", "candidates"):
+        a = pq.read_table(getattr(got, kind)("e")).to_pandas()
+        b = pq.read_table(getattr(want, kind)("e")).to_pandas()
+        assert len(a) == len(b) > 0, kind
+        assert a.q_id.tolist() == b.q_id.tolist(), kind
+        assert a.t_id.tolist() == b.t_id.tolist(), kind
+        assert a["rank"].tolist() == b["rank"].tolist(), kind
+        np.testing.assert_allclose(a.sim, b.sim, atol=1e-6)
+
+
+def _grown(seed: int, n_old: int = 300, n_new: int = 30, d: int = 24):
+    """v1's ids and vectors, and v2's: v1's images plus n_new new ones, in another row order."""
+    rng = np.random.default_rng(seed)
+    vectors = _unit(rng.normal(size=(n_old + n_new, d)))
+    ids = [f"{int(v):016x}" for v in rng.choice(2**40, size=n_old + n_new, replace=False)]
+    order = rng.permutation(n_old + n_new)  # new images land between old ones
+    return (ids[:n_old], vectors[:n_old]), ([ids[i] for i in order], vectors[order])
+
+
+INCREMENTAL_SHARDING = {
+    "one_shard": {"batch": 50},
+    "sharded_tasks": {"batch": 16, "shard_rows": 70, "queries_per_task": 80},  # five shards, five items
+}
+
+
+@pytest.mark.parametrize("sharding", INCREMENTAL_SHARDING)
+def test_incremental_mining_equals_a_full_recompute(tmp_path, sharding):
+    (ids1, vec1), (ids2, vec2) = _grown(21)
+    cfg = _cfg(band=(0.3, 0.9), k=8, cap=3, **INCREMENTAL_SHARDING[sharding])
+    v1, v2 = RunLayout(tmp_path / "runs" / "v1"), RunLayout(tmp_path / "runs" / "v2")
+    _write_run(v1, ids1, vec1)
+    first = mine_candidates(cfg, "e", v1)
+    assert first["mode"] == "full" and "no published version" in first["mode_reason"]
+    assert "incremental" not in first
+    _publish(v1)
+
+    _write_run(v2, ids2, vec2)
+    stats = _mine_mapped(cfg, v2)
+    assert stats["mode"] == "incremental" and "v1" in stats["mode_reason"]
+    assert stats["incremental"] == {
+        "parent": "v1", "parent_run_dir": str(v1.root), "queries_from_parent": 300, "new_queries": 30,
+        "changed_vectors": 0, "remined_queries": 0, "queries_searched_in_full": 30,
+        "old_queries_searched_against_new": 300, "new_rows": 30, "removed_images": 0,
+    }
+    assert stats["queries"] == 330 and stats["work_items"] == (1 if sharding == "one_shard" else 5)
+
+    full = RunLayout(tmp_path / "elsewhere" / "v2")  # no parent beside it: mined in full
+    _write_run(full, ids2, vec2)
+    expected = mine_candidates(cfg, "e", full)
+    assert expected["mode"] == "full"
+    _assert_same_outputs(v2, full)
+    for key in ("queries", "neighbours", "candidates", "queries_with_candidates", "sim_histogram_0_1_by_0_05"):
+        assert stats[key] == expected[key], key
+    # Brute force agrees too: v2's neighbours are the exact top k of v2's corpus.
+    got = _neighbour_rows(v2, ids2)
+    truth = _brute_force(vec2, 8)[1]
+    assert all(got[q][0] == list(truth[q]) for q in range(len(ids2)))
+
+
+def test_incremental_remines_queries_that_lost_a_neighbour(tmp_path):
+    """Removed images and a changed vector: the queries whose parent list held one of them are
+    searched in full again, everything else merges; still equal to a full recompute."""
+    (ids1, vec1), (ids2, vec2) = _grown(22, n_old=300, n_new=25)
+    cfg = _cfg(band=(0.3, 0.9), k=6, cap=2, queries_per_task=100)
+    v1, v2 = RunLayout(tmp_path / "runs" / "v1"), RunLayout(tmp_path / "runs" / "v2")
+    _write_run(v1, ids1, vec1)
+    mine_candidates(cfg, "e", v1)
+    _publish(v1)
+    neigh1 = pq.read_table(v1.neighbours("e")).to_pandas()
+
+    removed = set(ids1[:4])
+    keep = [i for i, v in enumerate(ids2) if v not in removed]
+    ids2, vec2 = [ids2[i] for i in keep], vec2[keep].copy()
+    changed = ids2.index(ids1[10])  # e.g. its caption was edited: same image id, another vector
+    vec2[changed] = _unit(np.random.default_rng(5).normal(size=(1, vec2.shape[1])))[0]
+    _write_run(v2, ids2, vec2)
+    stats = mine_candidates(cfg, "e", v2)
+    assert stats["mode"] == "incremental"
+    inc = stats["incremental"]
+    lost = set(neigh1[neigh1.t_id.isin(removed | {ids1[10]})].q_id) - removed - {ids1[10]}
+    assert inc["removed_images"] == 4 and inc["changed_vectors"] == 1 and inc["new_queries"] == 25
+    assert inc["remined_queries"] == len(lost) > 0
+    assert inc["queries_from_parent"] == 300 - 4 - 1 - len(lost)
+    assert inc["queries_searched_in_full"] == len(ids2) - inc["queries_from_parent"]
+
+    full = RunLayout(tmp_path / "elsewhere" / "v2")
+    _write_run(full, ids2, vec2)
+    mine_candidates(cfg, "e", full)
+    _assert_same_outputs(v2, full)
+
+
+def test_unchanged_corpus_reuses_everything(tmp_path):
+    (ids1, vec1), _ = _grown(23)
+    cfg = _cfg(band=(0.3, 0.9), k=5)
+    runs = [RunLayout(tmp_path / "runs" / name) for name in ("a", "b")]
+    for layout in runs:
+        _write_run(layout, ids1, vec1)
+    mine_candidates(cfg, "e", runs[0])
+    _publish(runs[0])
+    stats = mine_candidates(cfg, "e", runs[1])
+    assert stats["incremental"]["queries_from_parent"] == 300
+    assert stats["incremental"]["old_queries_searched_against_new"] == 0
+    assert stats["incremental"]["queries_searched_in_full"] == 0
+    _assert_same_outputs(runs[1], runs[0])
+
+
+FALLBACKS = {
+    "other_k": ({"k": 7}, "k=5"),
+    "ivf": ({"index": "ivf_flat", "nlist": 8, "nprobe": 8, "calibration_queries": 0}, "approximate"),
+    "switched_off": ({"incremental": False}, "mining.incremental is off"),
+    "other_vectors": ({}, "no image shares an identical"),
+    "parent_changed": ({}, "changed since it was mined"),
+    "parent_unpublished": ({}, "no published version"),
+}
+
+
+@pytest.mark.parametrize("case", FALLBACKS)
+def test_incremental_falls_back_to_full_mining(tmp_path, case):
+    (ids1, vec1), (ids2, vec2) = _grown(24)
+    v1, v2 = RunLayout(tmp_path / "runs" / "v1"), RunLayout(tmp_path / "runs" / "v2")
+    _write_run(v1, ids1, vec1)
+    mine_candidates(_cfg(band=(0.3, 0.9), k=5), "e", v1)
+    if case != "parent_unpublished":
+        _publish(v1)
+    if case == "other_vectors":
+        vec2 = _unit(vec2 + 0.01)
+    if case == "parent_changed":
+        np.save(v1.embedding_vectors("e"), vec1[::-1].copy())  # re-embedded after mining
+        os.utime(v1.embedding_vectors("e"), ns=(1, 1))
+    _write_run(v2, ids2, vec2)
+    update, reason = FALLBACKS[case]
+    cfg = _cfg(band=(0.3, 0.9), **{"k": 5, **update})
+    stats = mine_candidates(cfg, "e", v2)
+    assert stats["mode"] == "full" and "incremental" not in stats
+    assert reason in stats["mode_reason"]
+    if case != "ivf":  # the approximate index is compared with brute force elsewhere
+        full = RunLayout(tmp_path / "elsewhere" / "v2")
+        _write_run(full, ids2, vec2)
+        mine_candidates(cfg, "e", full)
+        _assert_same_outputs(v2, full)
+
+
+def test_stale_incremental_parts_are_never_merged(tmp_path):
+    """Parts of an incremental plan carry its id: a later decision (here: full mining, after the
+    parent went away) ignores and removes them, and its own items must run."""
+    (ids1, vec1), (ids2, vec2) = _grown(25)
+    cfg = _cfg(band=(0.3, 0.9), k=5, queries_per_task=110)
+    v1, v2 = RunLayout(tmp_path / "runs" / "v1"), RunLayout(tmp_path / "runs" / "v2")
+    _write_run(v1, ids1, vec1)
+    mine_candidates(cfg, "e", v1)
+    _publish(v1)
+    _write_run(v2, ids2, vec2)
+    items = plan_mining_work(cfg, v2, "e")
+    for item in items:
+        run_mining_work(cfg, v2, item)
+    [work_dir] = (v2.root / "mining" / "e").iterdir()
+    assert json.loads((work_dir / "plan.json").read_text())["mode"] == "incremental"
+    assert len(list(work_dir.glob("inc-*-q*.json"))) == 3
+
+    (work_dir / "plan.json").unlink()  # the decision is taken again ...
+    shutil.rmtree(v1.root)  # ... and the parent is gone
+    assert plan_mining_work(cfg, v2, "e") == items
+    assert json.loads((work_dir / "plan.json").read_text())["mode"] == "full"
+    assert not list(work_dir.glob("inc-*"))
+    with pytest.raises(RuntimeError, match="not finished"):
+        finalize_mining(cfg, v2, "e")
+    stats = _mine_mapped(cfg, v2)
+    assert stats["mode"] == "full"
+    full = RunLayout(tmp_path / "elsewhere" / "v2")
+    _write_run(full, ids2, vec2)
+    mine_candidates(cfg, "e", full)
+    _assert_same_outputs(v2, full)
+
+
+def test_parent_is_the_newest_published_version(tmp_path):
+    """v3 grows v2 which grew v1: v2 (published last) is the parent; a scratch run beside them with
+    exactly v3's corpus is no dataset version and is ignored."""
+    rng = np.random.default_rng(26)
+    ids = [f"{int(v):016x}" for v in rng.choice(2**40, size=360, replace=False)]
+    vectors = _unit(rng.normal(size=(360, 16)))
+    cfg = _cfg(band=(0.3, 0.9), k=5)
+    root = tmp_path / "runs"
+    for name, n, when in (("v1", 300, "2026-01-01T00:00:00Z"), ("v2", 330, "2026-01-08T00:00:00Z"),
+                          ("scratch", 360, None)):
+        layout = RunLayout(root / name)
+        _write_run(layout, ids[:n], vectors[:n])
+        mine_candidates(cfg, "e", layout)
+        if when:
+            _publish(layout, when)
+    v3 = RunLayout(root / "v3")
+    _write_run(v3, ids, vectors)
+    stats = mine_candidates(cfg, "e", v3)
+    assert stats["incremental"]["parent"] == "v2"
+    assert (stats["incremental"]["queries_from_parent"], stats["incremental"]["new_queries"]) == (330, 30)
+    _assert_same_outputs(v3, RunLayout(root / "scratch"))
+
+
+def test_merged_lists_order_ties_by_descending_row():
+    parent = (np.array([[0.9, 0.5, -np.inf]], np.float32), np.array([[4, 7, -1]]))
+    new = (np.array([[0.5, 0.5, 0.1]], np.float32), np.array([[9, 2, 3]]))
+    sims, rows = merge_topk_by_row(*parent, *new, 4)
+    assert rows.tolist() == [[4, 9, 7, 2]] and sims.tolist() == [[pytest.approx(0.9), 0.5, 0.5, 0.5]]
+    sims, rows = merge_topk_by_row(*parent, new[0][:, :0], new[1][:, :0], 3)
+    assert rows.tolist() == [[4, 7, -1]]  # a short list keeps its padding last
+
+
+def test_incremental_key_is_validated():
+    assert _cfg().mining.incremental is True
+    with pytest.raises(ConfigError, match=r"mining\.incremental"):
+        _cfg(incremental="sometimes")
