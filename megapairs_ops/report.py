@@ -232,6 +232,7 @@ def collect_figures(layout: RunLayout, encoders: Sequence[str] | None = None,
         "duplicates_collapsed": ingest.get("duplicates_collapsed"),
         "embedded": {e: _rows(layout.embedding_ids(e)) for e in encoders},
         "candidates": {e: _rows(layout.candidates(e)) for e in encoders},
+        "mining": {e: _mining_mode(load_status(layout, f"mine-{e}")) for e in encoders},
         "union_pairs": pairs_status.get("union_pairs"),
         "pairs": _rows(layout.pairs),
         "pairs_by_views": views,
@@ -246,6 +247,15 @@ def collect_figures(layout: RunLayout, encoders: Sequence[str] | None = None,
         } | {"mean_words": instr["words"]["mean"]},
         "gates": gates,
     }
+
+
+def _mining_mode(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Full or incremental mining of one encoder (docs/mining.md), from its stage's stats."""
+    if not status or "mode" not in status:
+        return None
+    inc = status.get("incremental") or {}
+    return {"mode": status["mode"], "reason": status.get("mode_reason"), "parent": inc.get("parent"),
+            "queries": status.get("queries"), "queries_from_parent": inc.get("queries_from_parent")}
 
 
 def _previous_figures(previous: RunLayout | None, memory_limit: str | None) -> dict[str, Any] | None:
@@ -399,10 +409,24 @@ def _overview(fig: dict[str, Any], cfg: PipelineConfig) -> str:
         ["describe", f"{escape(a.describe.backend)} {escape(a.describe.model or '')}"],
         ["instruct", f"{escape(a.instruct.backend)} {escape(a.instruct.model or '')}"],
         ["mining", f"k={cfg.mining.k}, ≤{cfg.mining.max_targets_per_query} targets per query, "
-                   f"{cfg.mining.n_hard_negatives} hard negatives"],
+                   f"{cfg.mining.n_hard_negatives} hard negatives" + _mining_modes(fig.get("mining") or {})],
         ["run directory", f"<code>{escape(fig['run_dir'])}</code>"],
     ], cls="setup")
     return _section("overview", "Overview", f'<div class="kpis">{"".join(cards)}</div>{setup}')
+
+
+def _mining_modes(modes: dict[str, Any]) -> str:
+    lines = []
+    for name, m in modes.items():
+        if not m:
+            continue
+        if m["mode"] == "incremental":
+            what = (f"incremental from <b>{escape(str(m['parent']))}</b>: {_int(m['queries_from_parent'])} of "
+                    f"{_int(m['queries'])} queries reused their retrieved set")
+        else:
+            what = f"full <span class=dim>({escape(str(m['reason'] or ''))})</span>"
+        lines.append(f"<div>{escape(name)}: {what}</div>")
+    return "".join(lines)
 
 
 def _gates_section(suites: list[dict[str, Any]], layout: RunLayout) -> str:
