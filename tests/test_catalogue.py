@@ -93,3 +93,32 @@ def test_grown_corpus_reannotates_nothing_already_published(two_versions):
     for row in pq.read_table(v2.triplets_dir).to_pylist():
         if row["pair_id"] in old:
             assert row["q_text"] == old[row["pair_id"]]
+
+
+@pytest.mark.slow
+def test_grown_corpus_embeds_only_the_new_images(two_versions):
+    """v2 runs over the sample corpus plus 12 new images: every encoder computes exactly those 12
+    and takes the rest from the content cache shared by the runs under one output root. (Only v2
+    is read: another test re-runs v1 with --force, which then takes everything from the cache.)"""
+    v1, v2 = two_versions
+    n_old = pq.read_metadata(v1.images).num_rows
+    assert n_old > 100 and pq.read_metadata(v2.images).num_rows == n_old + 12
+    for enc in load_config(DEMO).encoders:
+        second = read_json(v2.status(f"embed-{enc.name}"))
+        assert (second["computed"], second["reused"], second["embedded"]) == (12, n_old, n_old + 12), enc.name
+
+
+@pytest.mark.slow
+def test_grown_corpus_mines_only_against_the_new_images(two_versions):
+    """New images are queries against the whole corpus; old queries keep v1's neighbours and are
+    searched against the new images only."""
+    v1, v2 = two_versions
+    n_old = pq.read_metadata(v1.images).num_rows
+    stages = read_json(v2.stats)["stages"]
+    for enc in load_config(DEMO).encoders:
+        mine = stages[f"mine-{enc.name}"]
+        assert mine["mode"] == "incremental", mine["mode_reason"]
+        inc = mine["incremental"]
+        assert inc["parent"] == "v1" and inc["new_queries"] == 12
+        assert inc["queries_from_parent"] == inc["old_queries_searched_against_new"] == n_old
+        assert inc["removed_images"] == inc["changed_vectors"] == inc["remined_queries"] == 0
