@@ -4,7 +4,10 @@ demonstrations out of a pool of fifty (MegaPairs section 3.1, appendix A).
 
 Work is split by pair-id prefix (the first two hex digits) into work items that Airflow can map
 over: `plan_annotate_work` lists them, `run_annotate_work` annotates one, `finalize_annotate`
-merges them into annotations.parquet and the failures part; `annotate_pairs` does all three.
+merges them into annotations.parquet and the failures part; `annotate_pairs` does all three. A
+work item that already finished in the stage execution under way (same pairs, images and
+annotate config, no finalize since) is not run again: its outputs and stats stand, so a
+finalizing call after mapped tasks neither asks a model nor loses the items' request stats.
 
 Inside a work item every pair flows on its own through describe -> checks -> instruct ->
 checks, so both endpoints stay busy; batch backends (local models) get the pairs in flight as
@@ -313,6 +316,37 @@ def _item_name(item: dict[str, Any]) -> str:
     return f"{shard_name(item['first'])}-{shard_name(item['last'])}"
 
 
+def _item_inputs(ctx: _Context, pairs: list[_Pair], raw: dict[str, int]) -> str:
+    """What a work item's outputs were made from, within one stage execution (generation): its
+    pairs, the images file, the annotate config. Equal inputs give equal outputs."""
+    images = ctx.layout.images.stat()
+    h = hashlib.sha256()
+    h.update(json.dumps(
+        [RECORD_FORMAT, ctx.namespace, ctx.generation, ctx.acfg.model_dump(mode="json"), ctx.cfg.seed,
+         sorted(raw.items()), [str(ctx.layout.images), images.st_size, images.st_mtime_ns]],
+        sort_keys=True,
+    ).encode())
+    for pair in pairs:
+        h.update(f"{pair.pair_id}\0{pair.q_id}\0{pair.t_id}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _finished_item(ctx: _Context, name: str, inputs: str, prefixes: list[str]) -> dict[str, Any] | None:
+    """The stats of the item's run in this stage execution when its outputs are all there."""
+    path = ctx.stats_dir / f"{name}.json"
+    try:
+        stats = read_json(path) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not stats or stats.get("inputs") != inputs:
+        return None
+    for prefix in prefixes:
+        base = ctx.out_dir / shard_name(prefix)
+        if not (Path(f"{base}.parquet").is_file() and Path(f"{base}.failures.parquet").is_file()):
+            return None
+    return stats
+
+
 def plan_annotate_work(cfg: PipelineConfig, layout: RunLayout) -> list[dict[str, Any]]:
     """Work items for mapping: contiguous pair-id prefix ranges of about `pairs_per_task` pairs
     each (at most 256 items: one per prefix). Small JSON-able dicts."""
@@ -329,6 +363,14 @@ def plan_annotate_work(cfg: PipelineConfig, layout: RunLayout) -> list[dict[str,
     if group:
         items.append({"index": len(items), "first": group[0], "last": group[-1], "pairs": n})
     return items
+
+
+def stage_execution(cfg: PipelineConfig, layout: RunLayout) -> str:
+    """Names the annotate stage execution under way (records namespace and generation); it
+    changes when `finalize_annotate` completes one. Plans made for the stage (e.g. the catalogue
+    reuse split) hold until then."""
+    ctx = _Context(cfg, layout)
+    return f"{ctx.namespace}:{ctx.generation}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,12 +604,18 @@ def run_annotate_work(
 ) -> dict[str, Any]:
     """Annotate one work item from `plan_annotate_work`. Idempotent: pairs whose outputs were
     accepted before (in this or any earlier run) are skipped, failed ones are retried within the
-    attempt budget; results are committed as they arrive. Returns the item's stats (also written
-    next to its outputs for `finalize_annotate`)."""
+    attempt budget; results are committed as they arrive. An item that already finished in this
+    stage execution with the same inputs is not run again (its stats are returned as they were).
+    Returns the item's stats (also written next to its outputs for `finalize_annotate`)."""
     ctx = _Context(cfg, layout)
     name = _item_name(item)
     t0 = time.perf_counter()
     pairs, raw = _read_item_pairs(layout.pairs, item["first"], item["last"])
+    inputs = _item_inputs(ctx, pairs, raw)
+    finished = _finished_item(ctx, name, inputs, sorted(raw))
+    if finished is not None:
+        log.info("annotate %s: finished earlier in this stage execution; skipped", name)
+        return finished
     _attach_images(layout.images, pairs)
     for pair in pairs:
         ctx.prepare(pair)
@@ -631,6 +679,7 @@ def run_annotate_work(
             step: {**request_stats[step].to_dict(), **{k: outcomes[step][k] for k in ("accepted", "failed", "resampled")}}
             for step in STEPS
         },
+        "inputs": inputs,
     }
     write_json(stats, ctx.stats_dir / f"{name}.json")
     if progress or todos:

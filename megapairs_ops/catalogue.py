@@ -131,35 +131,116 @@ class _ToAnnotateLayout(RunLayout):
         return self.root / "annotations" / "to_annotate" / "annotations.parquet"
 
 
-def annotate_with_reuse(cfg: PipelineConfig, layout: RunLayout, run_id: str, progress: bool = False) -> dict:
-    """Annotate the run's pairs, reusing every annotation the catalogue already published for the
-    same pair, annotators and prompt version: those pairs are never sent to a model again."""
+def _split_files(layout: RunLayout) -> tuple[Path, Path]:
+    folder = layout.root / "annotations" / "to_annotate"
+    return folder / "split.json", folder / "reused.parquet"
+
+
+def _split_key(cfg: PipelineConfig, layout: RunLayout) -> dict:
+    from .annotate import stage_execution
+
+    st = layout.pairs.stat()
+    a = cfg.annotate
+    return {
+        "pairs": [str(layout.pairs), st.st_size, st.st_mtime_ns],
+        "catalogue": str(catalogue_path(cfg, layout)),
+        "describe_key": annotator_key(a.describe),
+        "instruct_key": annotator_key(a.instruct),
+        "prompt_version": a.prompt_version,
+        "execution": stage_execution(cfg, layout),
+    }
+
+
+def split_for_reuse(cfg: PipelineConfig, layout: RunLayout) -> dict:
+    """Split the run's pairs into those whose annotations the catalogue already published (same
+    pair, annotators and prompt version) and those to annotate. The split is kept for the stage
+    execution under way, so the work items planned from it and the final merge see exactly the
+    same reused set even if the catalogue changes in between (another run publishing). Returns
+    {pairs_in, reused, pairs_to_annotate, ...}; the pairs to annotate are in
+    annotation_layout(layout, split).pairs."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from .annotate import ANNOTATION_OUTPUT_SCHEMA, ANNOTATION_SCHEMA, annotate_pairs
-    from .storage import write_parquet
+    from .annotate import ANNOTATION_SCHEMA
+    from .storage import read_json, write_parquet
+
+    split_path, reused_path = _split_files(layout)
+    key = _split_key(cfg, layout)
+    inner = _ToAnnotateLayout(layout.root)
+    if split_path.is_file():
+        try:
+            split = read_json(split_path)
+        except (OSError, ValueError):
+            split = {}
+        if split.get("key") == key and (split.get("reused") == 0 or (inner.pairs.is_file() and reused_path.is_file())):
+            return split
+    split_path.unlink(missing_ok=True)
 
     reused = reusable_annotations(cfg, layout, ANNOTATION_SCHEMA)
     if reused.num_rows == 0:
-        stats = annotate_pairs(cfg, layout, run_id, progress=progress)
+        pairs_in = pq.ParquetFile(layout.pairs).metadata.num_rows
+        split = {"key": key, "pairs_in": pairs_in, "reused": 0, "pairs_to_annotate": pairs_in}
+    else:
+        pairs = pq.read_table(layout.pairs)
+        todo = pairs.filter(pc.invert(pc.is_in(pairs.column("pair_id"), value_set=reused.column("pair_id"))))
+        write_parquet(todo, inner.pairs)
+        write_parquet(reused, reused_path)
+        split = {"key": key, "pairs_in": pairs.num_rows, "reused": reused.num_rows, "pairs_to_annotate": todo.num_rows}
+    write_json(split, split_path)  # last: the split is valid once its files are all there
+    return split
+
+
+def annotation_layout(layout: RunLayout, split: dict) -> RunLayout:
+    """Where the annotate work of a split reads its pairs and writes its annotations."""
+    return _ToAnnotateLayout(layout.root) if split["reused"] else layout
+
+
+def plan_annotate_with_reuse(cfg: PipelineConfig, layout: RunLayout) -> list[dict]:
+    """The annotate stage's work items after the catalogue reuse split (see split_for_reuse):
+    only pairs the catalogue cannot answer are planned. Run each with run_annotate_item, then
+    annotate_with_reuse finds them done and finalizes."""
+    from .annotate import plan_annotate_work
+
+    split = split_for_reuse(cfg, layout)
+    source = "to_annotate" if split["reused"] else "pairs"
+    return [{**item, "source": source} for item in plan_annotate_work(cfg, annotation_layout(layout, split))]
+
+
+def run_annotate_item(cfg: PipelineConfig, layout: RunLayout, item: dict, run_id: str = "", progress: bool = False) -> dict:
+    """One work item of plan_annotate_with_reuse (idempotent, see run_annotate_work)."""
+    from .annotate import run_annotate_work
+
+    target = _ToAnnotateLayout(layout.root) if item.get("source") == "to_annotate" else layout
+    return run_annotate_work(cfg, target, item, run_id, progress=progress)
+
+
+def annotate_with_reuse(cfg: PipelineConfig, layout: RunLayout, run_id: str, progress: bool = False) -> dict:
+    """Annotate the run's pairs, reusing every annotation the catalogue already published for the
+    same pair, annotators and prompt version: those pairs are never sent to a model again. Work
+    items already run (e.g. by mapped Airflow tasks after plan_annotate_with_reuse) are not run
+    again; then the outputs are finalized and merged with the reused annotations."""
+    import pyarrow.parquet as pq
+
+    from .annotate import ANNOTATION_OUTPUT_SCHEMA, annotate_pairs
+    from .storage import write_parquet
+
+    split = split_for_reuse(cfg, layout)
+    inner = annotation_layout(layout, split)
+    stats = annotate_pairs(cfg, inner, run_id, progress=progress)
+    if not split["reused"]:
         stats["reused"] = 0
         return stats
 
-    pairs = pq.read_table(layout.pairs)
-    todo = pairs.filter(pc.invert(pc.is_in(pairs.column("pair_id"), value_set=reused.column("pair_id"))))
-    inner = _ToAnnotateLayout(layout.root)
-    write_parquet(todo, inner.pairs)
-    stats = annotate_pairs(cfg, inner, run_id, progress=progress)
     fresh = pq.read_table(inner.annotations)
+    reused = pq.read_table(_split_files(layout)[1])
     merged = pa.concat_tables(
         [fresh.cast(ANNOTATION_OUTPUT_SCHEMA), pa.Table.from_pylist(reused.to_pylist(), schema=ANNOTATION_OUTPUT_SCHEMA)]
     ).sort_by("pair_id")
     write_parquet(merged, layout.annotations)
     stats.update(
-        pairs_in=pairs.num_rows,
+        pairs_in=split["pairs_in"],
         accepted=merged.num_rows,
-        reused=reused.num_rows,
-        pairs_annotated=todo.num_rows,
+        reused=split["reused"],
+        pairs_annotated=split["pairs_to_annotate"],
     )
     return stats

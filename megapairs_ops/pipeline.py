@@ -183,6 +183,52 @@ ROW_KEYS = {
 }
 
 
+def stage_finished(ctx: RunContext, stage: str, encoder: str | None = None) -> bool:
+    """Whether run_stage would skip the stage: it finished earlier with the same inputs."""
+    return is_finished(ctx.layout, stage_key(stage, encoder), fingerprint(ctx, stage, encoder))
+
+
+# Work items for an orchestrator that maps a stage's work over tasks (the Airflow DAG): plan, run
+# every item (idempotent, so a retried task resumes), then run_stage finds the items done and
+# finalizes and gates as it does for the CLI. Stages already finished plan no work.
+
+
+def _embed_device(kind: str) -> str:
+    # The rule of embed's work items: an encoder that prefers a GPU runs on one.
+    from .encoders import encoder_resources
+
+    return "cpu" if encoder_resources(kind).device == "cpu" else "gpu"
+
+
+def plan_embed_stage(ctx: RunContext, device: str | None = None) -> list[dict]:
+    """Embed work items (embed.plan_embed_work) of the encoders whose embed stage is not finished;
+    with `device` ('gpu' or 'cpu') only the items for that device, so each can be routed to its
+    own queue and pool. Run them with embed.run_embed_work, then run_stage('embed', encoder)."""
+    if device not in (None, "gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+    names = [
+        e.name for e in ctx.cfg.encoders
+        if (device is None or _embed_device(e.kind) == device) and not stage_finished(ctx, "embed", e.name)
+    ]
+    if not names:
+        return []
+    from .embed import plan_embed_work
+
+    items = plan_embed_work(ctx.cfg, ctx.layout, names)
+    return [item for item in items if device is None or item["device"] == device]
+
+
+def plan_annotate_stage(ctx: RunContext) -> list[dict]:
+    """Annotate work items after the catalogue reuse split (catalogue.plan_annotate_with_reuse),
+    none when the stage is finished. Run them with catalogue.run_annotate_item, then
+    run_stage('annotate') merges and finalizes without asking a model again."""
+    if stage_finished(ctx, "annotate"):
+        return []
+    from .catalogue import plan_annotate_with_reuse
+
+    return plan_annotate_with_reuse(ctx.cfg, ctx.layout)
+
+
 def run_stage(ctx: RunContext, stage: str, encoder: str | None = None, force: bool = False) -> dict:
     if stage in PER_ENCODER and encoder is None:
         raise ValueError(f"stage '{stage}' runs per encoder; pass an encoder name")
