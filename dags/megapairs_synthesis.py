@@ -1,7 +1,9 @@
-"""MegaPairs synthesis DAG: wiring only. Every task calls a stage function of megapairs_ops.pipeline,
-the same functions the `megapairs run` CLI calls. Parsing this file imports the Airflow SDK and
-reads the deployment settings (environment + the default profile's `resources`); stage code and
-its heavy libraries load inside the tasks.
+"""MegaPairs synthesis DAG: wiring only. Every task calls a function of megapairs_ops: a stage
+through megapairs_ops.pipeline.run_stage, the same call the `megapairs run` CLI makes, or the
+planning and work-item functions of the stages whose work is mapped over tasks (embed, mine,
+annotate), after which run_stage finds the items done and finalizes. Parsing this file imports the
+Airflow SDK and reads the deployment settings (environment + the default profile's `resources`);
+stage code and its heavy libraries load inside the tasks.
 
 Scheduled and backfill runs write to OUTPUT_ROOT/<logical date>, manual runs to
 OUTPUT_ROOT/<run id> (or OUTPUT_ROOT/<run_name> when given), so runs never collide and re-running a
@@ -85,6 +87,27 @@ def _ctx():
     return context_from_params(params["config"], params["corpus"], out, run_id=dag_run.run_id)
 
 
+def _plan(stage: str, device: str | None = None) -> list[dict]:
+    """A stage's work items for mapped tasks: small JSON-able dicts; none when the stage is
+    finished (an empty expansion is skipped)."""
+    from megapairs_ops import pipeline
+
+    with _fail_without_retry_on_bad_input():
+        ctx = _ctx()
+        if stage == "embed":
+            return pipeline.plan_embed_stage(ctx, device)
+        return pipeline.plan_annotate_stage(ctx)
+
+
+def _embed_shards(item: dict) -> dict:
+    from megapairs_ops.embed import run_embed_work
+
+    with _fail_without_retry_on_bad_input():
+        ctx = _ctx()
+        # Shards are committed one by one; a retry skips the finished ones.
+        return run_embed_work(ctx.cfg, ctx.layout, item)
+
+
 def _run(stage: str, encoder: str | None = None) -> dict:
     from megapairs_ops.pipeline import run_stage
 
@@ -121,8 +144,34 @@ def megapairs_synthesis():
     def ingest() -> dict:
         return _run("ingest")
 
-    @task(queue=SETTINGS.gpu_queue, pool=SETTINGS.gpu_pool, map_index_template="{{ task.op_kwargs['encoder'] }}")
+    # Expanding over a key of a multiple_outputs planner would map over the number of keys, not
+    # over the list under the key (Airflow records one map length per task): one planner per device.
+    @task
+    def plan_embed_gpu() -> list[dict]:
+        """Embedding work items (encoder group x range of shards) of the GPU encoders."""
+        return _plan("embed", "gpu")
+
+    @task
+    def plan_embed_cpu() -> list[dict]:
+        """Embedding work items of the CPU encoders: they never hold the GPU queue or pool."""
+        return _plan("embed", "cpu")
+
+    shard_label = "{{ task.op_kwargs['item']['encoders'] | join('+') }}@{{ task.op_kwargs['item']['shards'] | join('-') }}"
+
+    @task(queue=SETTINGS.gpu_queue, pool=SETTINGS.gpu_pool, map_index_template=shard_label)
+    def embed_gpu_shards(item: dict) -> dict:
+        return _embed_shards(item)
+
+    @task(map_index_template=shard_label)
+    def embed_cpu_shards(item: dict) -> dict:
+        return _embed_shards(item)
+
+    # none_failed: a device without work items is skipped, which must not skip the embedding; a
+    # failed shard task still stops it (upstream_failed).
+    @task(trigger_rule="none_failed", map_index_template="{{ task.op_kwargs['encoder'] }}")
     def embed(encoder: str) -> str:
+        """Merge the encoder's shards into its vectors (the stage re-plans, finds every shard
+        done, finalizes without loading a model)."""
         _run("embed", encoder)
         return encoder
 
@@ -142,7 +191,8 @@ def megapairs_synthesis():
         ctx = _ctx()
         run_mining_work(ctx.cfg, ctx.layout, item)  # atomic per shard; a retry skips finished ones
 
-    @task(map_index_template="{{ task.op_kwargs['encoder'] }}")
+    # none_failed: finished encoders plan no query shards (mine_shard skipped) yet still pass.
+    @task(trigger_rule="none_failed", map_index_template="{{ task.op_kwargs['encoder'] }}")
     def mine(encoder: str) -> str:
         """Merge the encoder's shards into its candidates (the stage re-plans, finds every shard
         done, merges) and run the mining gate."""
@@ -153,8 +203,26 @@ def megapairs_synthesis():
     def pairs(mined: list[str]) -> dict:
         return _run("pairs")
 
-    @task(pool=SETTINGS.llm_pool)
+    @task
+    def plan_annotate() -> list[dict]:
+        """Pairs the catalogue already published with the same models and prompt version are
+        reused, not planned; the rest is cut into pair-id ranges."""
+        return _plan("annotate")
+
+    @task(pool=SETTINGS.llm_pool, map_index_template="{{ task.op_kwargs['item']['first'] }}-{{ task.op_kwargs['item']['last'] }}")
+    def annotate_pairs(item: dict) -> dict:
+        from megapairs_ops.catalogue import run_annotate_item
+
+        with _fail_without_retry_on_bad_input():
+            ctx = _ctx()
+            # Every outcome is checkpointed as it arrives: a retry asks only what is missing.
+            stats = run_annotate_item(ctx.cfg, ctx.layout, item, ctx.run_id)
+        return {k: stats.get(k) for k in ("item", "pairs", "pairs_requested", "accepted", "failed")}
+
+    @task(trigger_rule="none_failed")
     def annotate() -> dict:
+        """Merge the work items' outputs with the reused annotations (the stage finds every item
+        done and asks no model) and record the stage."""
         return _run("annotate")
 
     @task(outlets=[TRIPLETS])
@@ -168,7 +236,10 @@ def megapairs_synthesis():
         }
         return summary
 
-    @task(trigger_rule="all_done")
+    # A teardown (made so below): it runs when everything before it is done, however that went,
+    # and does not count for the run's state. As a plain all_done leaf it would be the only
+    # task that does, and a run whose ingest or gate failed would end "success".
+    @task
     def report() -> str | None:
         """The curator report, also for a run whose gate stopped publishing: it says why."""
         from megapairs_ops.pipeline import build_run_report
@@ -178,12 +249,16 @@ def megapairs_synthesis():
 
     encoders = plan_encoders()
     ingested = ingest()
+    gpu_items, cpu_items = plan_embed_gpu(), plan_embed_cpu()
+    encoders >> ingested >> [gpu_items, cpu_items]
     embedded = embed.expand(encoder=encoders)
-    encoders >> ingested >> embedded
+    [embed_gpu_shards.expand(item=gpu_items), embed_cpu_shards.expand(item=cpu_items)] >> embedded
     shards = mine_shard.expand(item=plan_mining(embedded))
     mined = mine.expand(encoder=encoders)
     shards >> mined
-    pairs(mined) >> annotate() >> publish() >> report()
+    annotate_items = plan_annotate()
+    pairs(mined) >> annotate_items
+    annotate_pairs.expand(item=annotate_items) >> annotate() >> publish() >> report().as_teardown()
 
 
 megapairs_synthesis()

@@ -1,4 +1,5 @@
 import json
+import re
 import textwrap
 
 import pyarrow.parquet as pq
@@ -30,6 +31,9 @@ def test_dag_integrity_and_light_parsing(airflow_home):
             "max_active_runs": dag.max_active_runs,
             "pools": {{t.task_id: t.pool for t in dag.tasks}},
             "queues": {{t.task_id: t.queue for t in dag.tasks}},
+            "mapped": sorted(t.task_id for t in dag.tasks if t.is_mapped),
+            "trigger_rules": {{t.task_id: str(getattr(t.trigger_rule, "value", t.trigger_rule)) for t in dag.tasks}},
+            "teardowns": sorted(t.task_id for t in dag.tasks if t.is_teardown),
             "outlets": [getattr(o, "name", None) for o in dag.get_task("publish").outlets],
         }}))
         """
@@ -40,14 +44,30 @@ def test_dag_integrity_and_light_parsing(airflow_home):
     assert info["errors"] == {}
     assert info["dags"] == ["megapairs_synthesis"]
     assert info["tasks"] == [
-        "annotate", "embed", "ingest", "mine", "mine_shard", "pairs", "plan_encoders", "plan_mining", "publish", "report"
+        "annotate", "annotate_pairs", "embed", "embed_cpu_shards", "embed_gpu_shards", "ingest", "mine", "mine_shard",
+        "pairs", "plan_annotate", "plan_embed_cpu", "plan_embed_gpu", "plan_encoders", "plan_mining", "publish",
+        "report",
     ]
     assert info["params"] == ["config", "corpus", "output_root", "run_name"]
     up = info["upstream"]
-    assert up["embed"] == ["ingest", "plan_encoders"]
+    assert up["ingest"] == ["plan_encoders"]
+    assert up["plan_embed_gpu"] == up["plan_embed_cpu"] == ["ingest"]
+    assert up["embed_gpu_shards"] == ["plan_embed_gpu"] and up["embed_cpu_shards"] == ["plan_embed_cpu"]
+    assert up["embed"] == ["embed_cpu_shards", "embed_gpu_shards", "plan_encoders"]
     assert up["plan_mining"] == ["embed"] and up["mine_shard"] == ["plan_mining"]
     assert up["mine"] == ["mine_shard", "plan_encoders"] and up["pairs"] == ["mine"]
-    assert up["annotate"] == ["pairs"] and up["publish"] == ["annotate"] and up["report"] == ["publish"]
+    assert up["plan_annotate"] == ["pairs"] and up["annotate_pairs"] == ["plan_annotate"]
+    assert up["annotate"] == ["annotate_pairs"] and up["publish"] == ["annotate"] and up["report"] == ["publish"]
+    # Work items fan out; the per-encoder and per-stage tasks after them merge, finalize and gate.
+    assert info["mapped"] == ["annotate_pairs", "embed", "embed_cpu_shards", "embed_gpu_shards", "mine", "mine_shard"]
+    # A device or stage without work items leaves its mapped task skipped: what follows it must
+    # still run, and must not when something failed.
+    rules = info["trigger_rules"]
+    assert rules["embed"] == rules["mine"] == rules["annotate"] == "none_failed"
+    assert {t for t, r in rules.items() if r == "all_success"} == set(info["tasks"]) - {"embed", "mine", "annotate", "report"}
+    # The report runs whatever happened before it, and does not decide the run's state: a teardown
+    # (without setups its trigger rule waits for all upstream tasks, like all_done).
+    assert info["teardowns"] == ["report"] and rules["report"] == "all_done_setup_success"
     # Parsing the DAG must not pull in the pipeline's heavy libraries.
     assert info["heavy"] == []
     assert info["catchup"] is False and info["retries"] >= 1
@@ -79,47 +99,104 @@ def test_routing_follows_the_default_profile(airflow_home):
             os.environ["MEGAPAIRS_CONFIG"] = old
     assert proc.returncode == 0, proc.stderr[-3000:]
     routing = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert routing["embed"] == ["gpu", "gpu"]
-    assert routing["annotate"][1] == "llm"
-    assert routing["ingest"][1] == "default_pool" and routing["pairs"][1] == "default_pool"
+    # Only work on a GPU holds the GPU queue and pool; only the model calls hold the LLM pool.
+    assert routing["embed_gpu_shards"] == ["gpu", "gpu"]
+    assert routing["annotate_pairs"][1] == "llm"
+    others = {task: qp for task, qp in routing.items() if task not in ("embed_gpu_shards", "annotate_pairs")}
+    assert others and all(qp == ["default", "default_pool"] for qp in others.values()), others
 
 
-@pytest.mark.slow
-def test_dag_test_runs_the_whole_pipeline_like_the_cli(airflow_home, sample_corpus, tmp_path):
-    out_root = tmp_path / "runs"
-    conf = {"corpus": str(sample_corpus), "config": "configs/demo.yaml",
-            "output_root": str(out_root), "run_name": "dagrun"}
+def _dag_test_runs(airflow_home, confs: list[dict]) -> list[dict]:
+    """dag.test() of each conf in turn, in one Airflow process: state and task states per run."""
     code = textwrap.dedent(
         f"""
-        import importlib.util, json
-        spec = importlib.util.spec_from_file_location("d", {str(REPO / "dags" / "megapairs_synthesis.py")!r})
-        mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+        import json
         from airflow.dag_processing.dagbag import DagBag
         dag = DagBag(dag_folder={str(REPO / "dags")!r}).get_dag("megapairs_synthesis")
-        dr = dag.test(run_conf={conf!r})
-        tis = {{f"{{ti.task_id}}[{{ti.map_index}}]": str(ti.state) for ti in dr.get_task_instances()}}
-        print(json.dumps({{"state": str(dr.state), "tis": tis}}))
+        results = []
+        for conf in {confs!r}:
+            dr = dag.test(run_conf=conf)
+            tis = {{f"{{ti.task_id}}[{{ti.map_index}}]": str(ti.state) for ti in dr.get_task_instances()}}
+            labels = {{f"{{ti.task_id}}[{{ti.map_index}}]": ti.rendered_map_index for ti in dr.get_task_instances()}}
+            results.append({{"state": str(dr.state), "tis": tis, "labels": labels}})
+        print(json.dumps(results))
         """
     )
     proc = run_airflow_python(airflow_home, code)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["state"] == "success", result
-    # One mapped embed and mine task per encoder.
-    assert sum(k.startswith("embed[") for k in result["tis"]) == 3
-    assert sum(k.startswith("mine[") for k in result["tis"]) == 3
-    assert sum(k.startswith("mine_shard[") for k in result["tis"]) >= 3
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _states(result: dict, task: str) -> list[str]:
+    return [state for key, state in result["tis"].items() if key.startswith(f"{task}[")]
+
+
+@pytest.mark.slow
+def test_dag_test_runs_the_whole_pipeline_like_the_cli(airflow_home, sample_corpus, tmp_path):
+    from megapairs_ops.cli import main
+    from tests.test_stage_work import _stable
+
+    out_root = tmp_path / "runs"
+    conf = {"corpus": str(sample_corpus), "config": "configs/demo.yaml",
+            "output_root": str(out_root), "run_name": "dagrun"}
+    # The first run; the same partition again (everything finished: nothing to map, nothing
+    # redone); a second partition under the same output root, whose pairs were all published by
+    # the first (the catalogue answers them); a run that fails at ingest.
+    first, again, second, broken = _dag_test_runs(airflow_home, [
+        conf, conf, {**conf, "run_name": "dagrun2"}, {**conf, "run_name": "broken", "corpus": str(tmp_path / "nope")},
+    ])
+    assert first["state"] == "success", first
+    # One embed and mine task per encoder; the demo's encoders are CPU ones, so the GPU shard
+    # task has nothing to do (skipped) and the CPU shard task runs the image group and the text view.
+    assert _states(first, "embed") == ["success"] * 3 and _states(first, "mine") == ["success"] * 3
+    assert _states(first, "embed_gpu_shards") == ["skipped"]
+    assert _states(first, "embed_cpu_shards") == ["success"] * 2
+    assert len(_states(first, "mine_shard")) >= 3
+    assert set(_states(first, "annotate_pairs")) == {"success"} and _states(first, "annotate") == ["success"]
+    # Mapped work items are named in the UI by what they do (the corpus is a single shard).
+    labels = {k.split("[")[0]: [] for k in first["labels"]}
+    for key, label in first["labels"].items():
+        labels[key.split("[")[0]].append(label)
+    assert sorted(labels["embed_cpu_shards"]) == ["caption@0-1", "visual_semantic+visual_pattern@0-1"]
+    assert all(re.fullmatch(r"[0-9a-f]{2}-[0-9a-f]{2}", label) for label in labels["annotate_pairs"]), labels
 
     dag_layout = RunLayout(out_root / "dagrun")
     stats = read_json(dag_layout.stats)
     assert stats["complete"] and stats["triplets"] > 0
 
-    from megapairs_ops.cli import main
-
-    cli_out = tmp_path / "cli"
-    assert main(["run", "--config", str(REPO / "configs/demo.yaml"), "--corpus", str(sample_corpus),
-                 "--out", str(cli_out)]) == 0
+    cli_root = tmp_path / "cli"
+    for name in ("cli", "cli2"):
+        assert main(["run", "--config", str(REPO / "configs/demo.yaml"), "--corpus", str(sample_corpus),
+                     "--out", str(cli_root / name)]) == 0
     drop = ["run_id"]
-    dag_rows = pq.read_table(dag_layout.triplets_dir).drop_columns(drop).to_pylist()
-    cli_rows = pq.read_table(RunLayout(cli_out).triplets_dir).drop_columns(drop).to_pylist()
-    assert dag_rows == cli_rows
+    for dag_name, cli_name in (("dagrun", "cli"), ("dagrun2", "cli2")):
+        dag_run, cli_run = RunLayout(out_root / dag_name), RunLayout(cli_root / cli_name)
+        dag_rows = pq.read_table(dag_run.triplets_dir).drop_columns(drop).to_pylist()
+        cli_rows = pq.read_table(cli_run.triplets_dir).drop_columns(drop).to_pylist()
+        assert dag_rows == cli_rows, dag_name
+        # The mapped work finalizes into the same stage records as one CLI call per stage.
+        for enc in ("visual_semantic", "visual_pattern", "caption"):
+            key = f"embed-{enc}"
+            assert _stable(read_json(dag_run.status(key))) == _stable(read_json(cli_run.status(key))), key
+        dag_ann, cli_ann = (_stable(read_json(run.status("annotate"))) for run in (dag_run, cli_run))
+        assert dag_ann == cli_ann, dag_name
+    reuse = read_json(RunLayout(out_root / "dagrun2").status("annotate"))
+    assert reuse["reused"] == stats["triplets"] and reuse["pairs_annotated"] == reuse["pairs_in"] - reuse["reused"]
+
+    # A finished partition run again: nothing to map, every stage skipped, the same triplets.
+    assert again["state"] == "success", again
+    assert _states(again, "embed_cpu_shards") == ["skipped"] and _states(again, "annotate_pairs") == ["skipped"]
+    # (Mining may still list its finished query ranges, which then do nothing; or none.)
+    assert set(_states(again, "mine_shard")) in ({"success"}, {"skipped"})
+    assert {s for k, s in again["tis"].items() if not k.startswith(("embed_", "mine_shard", "annotate_pairs"))} == {
+        "success"
+    }, again
+    assert second["state"] == "success", second
+
+    # A failure upstream of skippable mapped tasks still stops what follows and fails the run;
+    # the report still runs.
+    assert broken["state"] == "failed", broken
+    assert _states(broken, "ingest") == ["failed"]
+    for task in ("embed_cpu_shards", "embed", "annotate", "publish"):
+        assert set(_states(broken, task)) == {"upstream_failed"}, (task, broken)
+    assert _states(broken, "report") == ["success"]
