@@ -7,6 +7,7 @@ started), these tests fail, saying how to start them."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -31,7 +32,8 @@ from tests.fixtures.deployment import (
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
 CONFIG = str(REPO / "configs" / "demo.yaml")
-KILLED_TASK = "annotate"
+# The mapped annotation work item: the task that calls the models.
+KILLED_TASK = "annotate_pairs"
 
 
 @dataclass
@@ -128,23 +130,33 @@ def test_rest_triggered_run_survives_a_killed_worker(reference_pairs, cluster, c
 
     blocked = dep.hooks / run_id / f"{KILLED_TASK}.blocked"
     dep.wait_for(blocked.exists, 600, f"the first try of {KILLED_TASK} in {run_id}")
-    assert dep.kill_worker_of(int(blocked.read_text())) == "worker-cpu"
+    killed = json.loads(blocked.read_text())
+    assert killed["map_index"] >= 0  # a mapped work item
+    assert dep.kill_worker_of(killed["pid"]) == "worker-cpu"
     dep.start_worker("worker-cpu-2", "default")
     # The kill is done: the backfill may share the workers from now on (it runs while the
     # scheduler waits out the lost task's heartbeat and retry delay).
     dep.set_backfill_paused(cluster.backfill_id, False)
 
     assert dep.wait_run(run_id, timeout=900)["state"] == "success"
-    tries = dep.tries(run_id, KILLED_TASK)
+    tries = dep.tries(run_id, KILLED_TASK, killed["map_index"])
     assert [t["try_number"] for t in tries] == [1, 2], tries
     assert tries[0]["state"] != "success" and tries[1]["state"] == "success", tries
 
     tis = {(ti["task_id"], ti["map_index"]): ti for ti in dep.task_instances(run_id)}
-    assert all(ti["state"] == "success" for ti in tis.values())
-    # Routing from the deployment settings: only the `gpu`-queue worker can have run the embeddings.
-    embeds = [ti for (task, _), ti in tis.items() if task == "embed"]
-    assert len(embeds) == 3 and all((ti["queue"], ti["pool"]) == ("gpu", "gpu") for ti in embeds)
-    assert tis[(KILLED_TASK, -1)]["pool"] == "llm"
+    # The demo's encoders are CPU ones: no GPU work item, so the GPU shard task is skipped.
+    assert tis[("embed_gpu_shards", -1)]["state"] == "skipped"
+    assert all(ti["state"] == "success" for key, ti in tis.items() if key != ("embed_gpu_shards", -1)), tis
+    # Routing from the deployment settings: CPU embedding work stays off the `gpu` queue and pool,
+    # GPU work would go there; the model calls, and only they, hold the `llm` pool.
+    cpu_shards = [ti for (task, _), ti in tis.items() if task == "embed_cpu_shards"]
+    assert len(cpu_shards) == 2 and all((ti["queue"], ti["pool"]) == ("default", "default_pool") for ti in cpu_shards)
+    assert (tis[("embed_gpu_shards", -1)]["queue"], tis[("embed_gpu_shards", -1)]["pool"]) == ("gpu", "gpu")
+    assert len([key for key in tis if key[0] == "embed"]) == 3
+    annotate_items = [ti for (task, _), ti in tis.items() if task == KILLED_TASK]
+    assert annotate_items and all(ti["pool"] == "llm" for ti in annotate_items)
+    assert {ti["pool"] for (task, _), ti in tis.items() if task != KILLED_TASK} <= {"default_pool", "gpu"}
+    assert tis[(KILLED_TASK, killed["map_index"])]["try_number"] == 2
     assert tis[("ingest", -1)]["queue"] == "default"
 
     ids = published_pair_ids(dep.output_root / run_id)  # manual runs: partition = run id
