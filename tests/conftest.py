@@ -13,4 +13,5 @@ pytest_plugins = [
     "tests.fixtures.tiny_models",
     "tests.fixtures.llm_server",
     "tests.fixtures.airflow",
+    "tests.fixtures.open_clip_pass",
 ]
