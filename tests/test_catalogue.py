@@ -1,7 +1,5 @@
 """Dataset versions and the published-pairs catalogue across runs under one output root."""
 
-import shutil
-
 import pyarrow.parquet as pq
 import pytest
 
@@ -10,25 +8,15 @@ from megapairs_ops.catalogue import catalogue_path, open_catalogue, reusable_ann
 from megapairs_ops.cli import main
 from megapairs_ops.config import load_config
 from megapairs_ops.storage import RunLayout, read_json
+from tests.fixtures.corpus import GROWN_NEW
 from tests.test_pipeline import DEMO
 
 
 @pytest.fixture(scope="module")
-def two_versions(sample_corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("versions")
-    grown = root / "grown_corpus"
-    shutil.copytree(sample_corpus, grown)
-    # 10% more images: copies of existing files under new names would be exact duplicates, so
-    # take a second generated corpus's images instead.
-    from megapairs_ops.sample_corpus import generate_sample_corpus
-
-    extra = generate_sample_corpus(root / "extra", n=12, seed=99)
-    for src in sorted((root / "extra" / "images").iterdir()):
-        shutil.copy(src, grown / "images" / f"new_{src.name}")
-    assert extra["n"] == 12
-    out = root / "runs"
+def two_versions(sample_corpus, grown_sample_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("versions") / "runs"
     assert main(["run", "--config", DEMO, "--corpus", str(sample_corpus), "--out", str(out / "v1")]) == 0
-    assert main(["run", "--config", DEMO, "--corpus", str(grown), "--out", str(out / "v2")]) == 0
+    assert main(["run", "--config", DEMO, "--corpus", str(grown_sample_corpus), "--out", str(out / "v2")]) == 0
     return RunLayout(out / "v1"), RunLayout(out / "v2")
 
 
@@ -97,15 +85,15 @@ def test_grown_corpus_reannotates_nothing_already_published(two_versions):
 
 @pytest.mark.slow
 def test_grown_corpus_embeds_only_the_new_images(two_versions):
-    """v2 runs over the sample corpus plus 12 new images: every encoder computes exactly those 12
+    """v2 runs over the sample corpus plus 10% new images: every encoder computes exactly those
     and takes the rest from the content cache shared by the runs under one output root. (Only v2
     is read: another test re-runs v1 with --force, which then takes everything from the cache.)"""
     v1, v2 = two_versions
     n_old = pq.read_metadata(v1.images).num_rows
-    assert n_old > 100 and pq.read_metadata(v2.images).num_rows == n_old + 12
+    assert n_old > 100 and pq.read_metadata(v2.images).num_rows == n_old + GROWN_NEW
     for enc in load_config(DEMO).encoders:
         second = read_json(v2.status(f"embed-{enc.name}"))
-        assert (second["computed"], second["reused"], second["embedded"]) == (12, n_old, n_old + 12), enc.name
+        assert (second["computed"], second["reused"], second["embedded"]) == (GROWN_NEW, n_old, n_old + GROWN_NEW), enc.name
 
 
 @pytest.mark.slow
@@ -119,6 +107,6 @@ def test_grown_corpus_mines_only_against_the_new_images(two_versions):
         mine = stages[f"mine-{enc.name}"]
         assert mine["mode"] == "incremental", mine["mode_reason"]
         inc = mine["incremental"]
-        assert inc["parent"] == "v1" and inc["new_queries"] == 12
+        assert inc["parent"] == "v1" and inc["new_queries"] == GROWN_NEW
         assert inc["queries_from_parent"] == inc["old_queries_searched_against_new"] == n_old
         assert inc["removed_images"] == inc["changed_vectors"] == inc["remined_queries"] == 0

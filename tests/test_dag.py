@@ -7,6 +7,7 @@ import pytest
 
 from megapairs_ops.storage import RunLayout, read_json
 from tests.fixtures.airflow import REPO, run_airflow_python
+from tests.fixtures.corpus import GROWN_NEW
 
 HEAVY = ["torch", "faiss", "transformers", "great_expectations", "duckdb", "polars", "megapairs_ops.pipeline"]
 
@@ -132,7 +133,7 @@ def _states(result: dict, task: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_dag_test_runs_the_whole_pipeline_like_the_cli(airflow_home, sample_corpus, tmp_path):
+def test_dag_test_runs_the_whole_pipeline_like_the_cli(airflow_home, sample_corpus, grown_sample_corpus, tmp_path):
     from megapairs_ops.cli import main
     from tests.test_stage_work import _stable
 
@@ -141,9 +142,12 @@ def test_dag_test_runs_the_whole_pipeline_like_the_cli(airflow_home, sample_corp
             "output_root": str(out_root), "run_name": "dagrun"}
     # The first run; the same partition again (everything finished: nothing to map, nothing
     # redone); a second partition under the same output root, whose pairs were all published by
-    # the first (the catalogue answers them); a run that fails at ingest.
-    first, again, second, broken = _dag_test_runs(airflow_home, [
-        conf, conf, {**conf, "run_name": "dagrun2"}, {**conf, "run_name": "broken", "corpus": str(tmp_path / "nope")},
+    # the first (the catalogue answers them); next week's run over the corpus grown by 10%; a run
+    # that fails at ingest.
+    first, again, second, grown, broken = _dag_test_runs(airflow_home, [
+        conf, conf, {**conf, "run_name": "dagrun2"},
+        {**conf, "run_name": "dagrun3", "corpus": str(grown_sample_corpus)},
+        {**conf, "run_name": "broken", "corpus": str(tmp_path / "nope")},
     ])
     assert first["state"] == "success", first
     # One embed and mine task per encoder; the demo's encoders are CPU ones, so the GPU shard
@@ -192,6 +196,25 @@ def test_dag_test_runs_the_whole_pipeline_like_the_cli(airflow_home, sample_corp
         "success"
     }, again
     assert second["state"] == "success", second
+
+    # The grown corpus: only the new images are embedded and searched for, nothing published
+    # before is sent to a model again, and the new version names its parent.
+    assert grown["state"] == "success", grown
+    v3 = RunLayout(out_root / "dagrun3")
+    n_old = pq.read_metadata(dag_layout.images).num_rows
+    assert read_json(v3.root / "manifest.json")["parent"] == "dagrun2"
+    for enc in ("visual_semantic", "visual_pattern", "caption"):
+        embedded = read_json(v3.status(f"embed-{enc}"))
+        assert (embedded["computed"], embedded["reused"]) == (GROWN_NEW, n_old), enc
+        mined = read_json(v3.status(f"mine-{enc}"))
+        assert mined["mode"] == "incremental" and mined["incremental"]["new_queries"] == GROWN_NEW, mined
+    published = {r["pair_id"] for name in ("dagrun", "dagrun2")
+                 for r in pq.read_table(RunLayout(out_root / name).triplets_dir, columns=["pair_id"]).to_pylist()}
+    pairs3 = {r["pair_id"] for r in pq.read_table(v3.pairs, columns=["pair_id"]).to_pylist()}
+    ann = read_json(v3.status("annotate"))
+    assert ann["reused"] == len(pairs3 & published) > 0
+    assert ann["pairs_annotated"] == len(pairs3 - published) > 0
+    assert ann["requests"]["describe"] == ann["pairs_annotated"]  # the template answers first time
 
     # A failure upstream of skippable mapped tasks still stops what follows and fails the run;
     # the report still runs.
