@@ -193,23 +193,13 @@ def stage_finished(ctx: RunContext, stage: str, encoder: str | None = None) -> b
 # finalizes and gates as it does for the CLI. Stages already finished plan no work.
 
 
-def _embed_device(kind: str) -> str:
-    # The rule of embed's work items: an encoder that prefers a GPU runs on one.
-    from .encoders import encoder_resources
-
-    return "cpu" if encoder_resources(kind).device == "cpu" else "gpu"
-
-
 def plan_embed_stage(ctx: RunContext, device: str | None = None) -> list[dict]:
     """Embed work items (embed.plan_embed_work) of the encoders whose embed stage is not finished;
     with `device` ('gpu' or 'cpu') only the items for that device, so each can be routed to its
     own queue and pool. Run them with embed.run_embed_work, then run_stage('embed', encoder)."""
     if device not in (None, "gpu", "cpu"):
         raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
-    names = [
-        e.name for e in ctx.cfg.encoders
-        if (device is None or _embed_device(e.kind) == device) and not stage_finished(ctx, "embed", e.name)
-    ]
+    names = [e.name for e in ctx.cfg.encoders if not stage_finished(ctx, "embed", e.name)]
     if not names:
         return []
     from .embed import plan_embed_work
