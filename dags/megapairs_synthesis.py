@@ -179,10 +179,10 @@ def megapairs_synthesis():
     def plan_mining(embedded: list[str]) -> list[dict]:
         """Query shards of every encoder; the index is chosen here (and an approximate one trained
         once), so the mapped shards only search."""
-        from megapairs_ops.mine import plan_mining_work
+        from megapairs_ops.pipeline import plan_mine_stage
 
-        ctx = _ctx()
-        return [item for enc in embedded for item in plan_mining_work(ctx.cfg, ctx.layout, enc)]
+        with _fail_without_retry_on_bad_input():
+            return plan_mine_stage(_ctx(), embedded)
 
     @task(map_index_template="{{ task.op_kwargs['item']['encoder'] }}@{{ task.op_kwargs['item']['query_start'] }}")
     def mine_shard(item: dict) -> None:

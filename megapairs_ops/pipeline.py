@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .config import PipelineConfig, load_config
 from .storage import (
@@ -206,6 +206,19 @@ def plan_embed_stage(ctx: RunContext, device: str | None = None) -> list[dict]:
 
     items = plan_embed_work(ctx.cfg, ctx.layout, names)
     return [item for item in items if device is None or item["device"] == device]
+
+
+def plan_mine_stage(ctx: RunContext, encoders: Iterable[str]) -> list[dict]:
+    """Mining work items (mine.plan_mining_work: query ranges) of the named encoders whose mine
+    stage is not finished. Run them with mine.run_mining_work, then run_stage('mine', encoder)."""
+    from .mine import plan_mining_work
+
+    return [
+        item
+        for name in encoders
+        if not stage_finished(ctx, "mine", name)
+        for item in plan_mining_work(ctx.cfg, ctx.layout, name)
+    ]
 
 
 def plan_annotate_stage(ctx: RunContext) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The mapped path the DAG takes through embed and annotate: plan work items, run each on its own,
+"""The mapped path the DAG takes through embed, mine and annotate: plan work items, run each on its own,
 then run_stage finds them done and finalizes. Outputs and stats must equal the CLI's (one call per
 stage), and the finalizing call must neither load an encoder nor ask a model."""
 
@@ -10,10 +10,12 @@ from megapairs_ops import embed as embed_module
 from megapairs_ops.catalogue import catalogue_path, open_catalogue, run_annotate_item
 from megapairs_ops.cli import main
 from megapairs_ops.embed import run_embed_work
+from megapairs_ops.mine import run_mining_work
 from megapairs_ops.pipeline import (
     context_from_params,
     plan_annotate_stage,
     plan_embed_stage,
+    plan_mine_stage,
     run_pipeline,
     run_stage,
 )
@@ -58,8 +60,14 @@ def _mapped_run(ctx, monkeypatch, until: str = "annotate") -> None:
         for enc in ctx.cfg.encoders:
             run_stage(ctx, "embed", enc.name)
     assert plan_embed_stage(ctx) == []  # finished stages plan no work
-    for enc in ctx.cfg.encoders:
-        run_stage(ctx, "mine", enc.name)
+    names = [enc.name for enc in ctx.cfg.encoders]
+    items = plan_mine_stage(ctx, names)
+    assert sorted({i["encoder"] for i in items}) == sorted(names)
+    for item in reversed(items):
+        run_mining_work(ctx.cfg, ctx.layout, item)
+    for name in names:
+        run_stage(ctx, "mine", name)
+    assert plan_mine_stage(ctx, names) == []
     run_stage(ctx, "pairs")
     items = plan_annotate_stage(ctx)
     for item in reversed(items):
