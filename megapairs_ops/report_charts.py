@@ -112,12 +112,7 @@ def histogram(edges: Sequence[float], series: Sequence[tuple[str, Sequence[float
     while tick <= hi + 1e-9:
         out.append(f'<text x="{x(tick):.1f}" y="{y0 + 15}" text-anchor="middle" class="tick">{tick:.2f}</text>')
         tick += step
-    out.append(f'<line x1="{left}" x2="{width - right}" y1="{y0}" y2="{y0}" stroke="{INK}"/>')
-    if x_label:
-        out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle" class="lbl">'
-                   f"{escape(x_label)}</text>")
-    out.append("</svg>")
-    return "".join(out)
+    return _close(out, left, width - right, y0, height, x_label)
 
 
 def vbars(labels: Sequence[str], values: Sequence[float], label: str, colour: str = PALETTE[0],
@@ -140,12 +135,7 @@ def vbars(labels: Sequence[str], values: Sequence[float], label: str, colour: st
         if i % every == 0:
             out.append(f'<text x="{left + (i + 0.5) * slot:.1f}" y="{y0 + 15}" text-anchor="middle" '
                        f'class="tick">{escape(name)}</text>')
-    out.append(f'<line x1="{left}" x2="{width - right}" y1="{y0}" y2="{y0}" stroke="{INK}"/>')
-    if x_label:
-        out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle" class="lbl">'
-                   f"{escape(x_label)}</text>")
-    out.append("</svg>")
-    return "".join(out)
+    return _close(out, left, width - right, y0, height, x_label)
 
 
 def share_bar(share: float, colour: str = PALETTE[0], width: int = 90) -> str:
@@ -154,3 +144,13 @@ def share_bar(share: float, colour: str = PALETTE[0], width: int = 90) -> str:
     return (f'<svg class="sharebar" viewBox="0 0 {width} 8" width="{width}" height="8" aria-hidden="true" '
             f'xmlns="http://www.w3.org/2000/svg"><rect width="{width}" height="8" rx="2" fill="{GRID}"/>'
             f'<rect width="{w:.1f}" height="8" rx="2" fill="{colour}"/></svg>')
+
+
+def _close(out: list[str], left: float, right_edge: float, y0: float, height: int, x_label: str) -> str:
+    """The x baseline, the x-axis title under it, and the end of the SVG."""
+    out.append(f'<line x1="{left}" x2="{right_edge}" y1="{y0}" y2="{y0}" stroke="{INK}"/>')
+    if x_label:
+        out.append(f'<text x="{(left + right_edge) / 2:.1f}" y="{height - 6}" text-anchor="middle" class="lbl">'
+                   f"{escape(x_label)}</text>")
+    out.append("</svg>")
+    return "".join(out)
