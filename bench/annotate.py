@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 from megapairs_ops.annotation.backends import DescribeRequest, InstructRequest, run_async  # noqa: E402
 from megapairs_ops.annotation.openai_backend import OpenAIBackend  # noqa: E402
-from megapairs_ops.annotation.parsing import check_instructions, parse_instructions  # noqa: E402
+from megapairs_ops.annotation.checks import check_instructions  # noqa: E402
+from megapairs_ops.annotation.parsing import parse_instructions  # noqa: E402
 from megapairs_ops.annotation.prompts import draw_demos, load_prompt_set  # noqa: E402
 from megapairs_ops.config import StepConfig  # noqa: E402
 from tests.fixtures.llm_server import serve_in_process  # noqa: E402

@@ -33,14 +33,24 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .annotation.backends import STEPS, Backend, DescribeRequest, InstructRequest, make_backend, run_async, step_identity
-from .annotation.parsing import check_description, check_instructions, parse_instructions, word_count
+from .annotation.backends import (
+    STEPS,
+    Backend,
+    DescribeRequest,
+    InstructRequest,
+    Result,
+    make_backend,
+    run_async,
+    step_identity,
+)
+from .annotation.checks import TextRules, check_answer, check_description, check_instructions, offending_text, word_count
+from .annotation.parsing import parse_instructions
 from .annotation.prompts import (
     PROMPTS_ROOT,
     draw_demo_indices,
@@ -93,6 +103,13 @@ _PROGRESS_EVERY_S = 60.0
 
 def _snippet(text: str | None) -> str:
     return repr((text or "")[:160])
+
+
+def _rejected_detail(step: str, reason: str, text: str | None, rules: TextRules, what: str) -> str:
+    """A failure detail a curator can act on: which check, what it saw, the start of the output."""
+    found = offending_text(text, rules) if reason in ("template_token", "meta_language") else ""
+    seen = f"{reason} {found!r}" if found else reason
+    return f"{step}: {seen}; {what}; output {_snippet(text)}"
 
 
 def _digest(text: str) -> str:
@@ -162,6 +179,7 @@ class _Context:
         self.out_dir = layout.annotation_dir("out") / self.namespace
         self.stats_dir = layout.annotation_dir("stats") / self.namespace
         self.identity = {"describe": step_identity(acfg.describe), "instruct": step_identity(acfg.instruct)}
+        self.rules = TextRules.from_config(acfg.checks)
         self.cap = acfg.max_attempts_across_runs
         self.generation = self.store.current_generation()
 
@@ -180,28 +198,49 @@ class _Context:
             return False, "not_annotated", ""
         if rec["status"] != "accepted":
             return False, rec["reason"], rec["detail"]
-        text = rec["text"] or ""
-        ok, reason = check_description(text, pair.word_num, self.acfg.word_num_tolerance)
+        return self.check_description(rec["text"] or "", pair)
+
+    def check_description(self, text: str, pair: _Pair) -> tuple[bool, str, str]:
+        ok, reason = check_description(text, pair.word_num, self.acfg.word_num_tolerance, self.rules)
         if not ok:
-            return False, reason, f"describe: {word_count(text)} words for word_num={pair.word_num}; output {_snippet(text)}"
+            what = f"{word_count(text)} words for word_num={pair.word_num}"
+            return False, reason, _rejected_detail("describe", reason, text, self.rules, what)
         return True, "", ""
+
+    def check_instruct_answer(
+        self, text: str | None, description: str, instructions: list[str] | None = None
+    ) -> tuple[bool, str, str, list[str]]:
+        """(usable, reason, detail, instructions) of an instruct answer: the raw text, then the
+        instructions parsed from it (or those a record keeps: they are what gets published)."""
+        reason = check_answer(text, self.rules)
+        if instructions is None:
+            instructions = [] if reason else parse_instructions(text)
+        if not reason:
+            ok, reason = check_instructions(
+                instructions, description, self.acfg.min_instructions, self.acfg.max_instruction_chars, self.rules
+            )
+            if ok:
+                return True, "", "", instructions
+        what = f"{len(instructions)} parsed"
+        return False, reason, _rejected_detail("instruct", reason, text, self.rules, what), instructions
 
     def instruct_verdict(self, rec: dict | None, description: str) -> tuple[bool, str, str]:
         if rec is None or rec["input_digest"] != _digest(description):
             return False, "not_annotated", ""
         if rec["status"] != "accepted":
             return False, rec["reason"], rec["detail"]
-        instructions = list(rec["instructions"] or [])
-        ok, reason = check_instructions(
-            instructions, description, self.acfg.min_instructions, self.acfg.max_instruction_chars
-        )
-        if not ok:
-            return False, reason, f"instruct: {len(instructions)} parsed; output {_snippet(rec['text'])}"
-        return True, "", ""
+        ok, reason, detail, _ = self.check_instruct_answer(rec["text"], description, list(rec["instructions"] or []))
+        return ok, reason, detail
 
     def settled(self, rec: dict, used: int, final: bool) -> bool:
-        """Whether a record that is not a usable output stands as the pair's failure."""
-        return final or used >= self.cap or rec["generation"] == self.generation
+        """Whether a record that is not a usable output stands as the pair's failure: after this
+        run, once the cap is spent, within the execution that wrote it, or when asking again
+        cannot help."""
+        return final or not self.retryable(rec, used) or rec["generation"] == self.generation
+
+    def retryable(self, rec: dict, used: int) -> bool:
+        """Whether the next stage execution would ask again for a failed step."""
+        return rec.get("retryable") is not False and used < self.cap
 
     def used(self, rec: dict | None, input_digest: str | None = None) -> int:
         if rec is None or (input_digest is not None and rec["input_digest"] != input_digest):
@@ -212,12 +251,13 @@ class _Context:
         """("done", accepted row) | ("failed", failure row) | ("todo", _Todo). Before a run a
         failure with tries left is "todo"; after it (`final`), it is this run's failure."""
         if pair.missing_images:
-            return "failed", _failure(pair, "image_missing", f"not in images.parquet: {', '.join(pair.missing_images)}", 0)
+            detail = f"not in images.parquet: {', '.join(pair.missing_images)}"
+            return "failed", _failure(pair, "image_missing", detail, 0, retryable=False)
         d = self.record(records, pair.pair_id, "describe")
         ok, reason, detail = self.describe_verdict(d, pair)
         if not ok:
             if d is not None and self.settled(d, self.used(d), final):
-                return "failed", _failure(pair, reason, detail, self.used(d))
+                return "failed", _failure(pair, reason, detail, self.used(d), self.retryable(d, self.used(d)))
             return "todo", _Todo(pair, d, None, "describe")
         description = (d["text"] or "").strip()
         i = self.record(records, pair.pair_id, "instruct")
@@ -225,7 +265,7 @@ class _Context:
         if not ok:
             used = self.used(i, _digest(description))
             if i is not None and used and self.settled(i, used, final):
-                return "failed", _failure(pair, reason, detail, used)
+                return "failed", _failure(pair, reason, detail, used, self.retryable(i, used))
             return "todo", _Todo(pair, d, i, "instruct")
         return "done", self.accepted_row(pair, d, i)
 
@@ -251,8 +291,9 @@ class _Context:
         }
 
 
-def _failure(pair: _Pair, reason: str, detail: str, attempts: int) -> dict[str, Any]:
+def _failure(pair: _Pair, reason: str, detail: str, attempts: int, retryable: bool) -> dict[str, Any]:
     return {
+        "retryable": retryable,  # not a FAILURE_SCHEMA column: counted, not written
         "pair_id": pair.pair_id,
         "q_id": pair.q_id,
         "t_id": pair.t_id,
@@ -415,12 +456,13 @@ class _ItemRun:
         self.run_id = run_id
         self.name = name
         self.outcomes = {step: Counter() for step in STEPS}  # accepted / failed / resampled
+        self.attempt_failures = {step: Counter() for step in STEPS}  # failed tries by reason
         self.done = 0
         self._error: BaseException | None = None
 
     def _record(self, step: str, pair: _Pair, status: str, attempts: int, *, text: str | None = None,
                 instructions: list[str] | None = None, served_model: str = "", reason: str = "", detail: str = "",
-                seed: int | None = None, input_digest: str = "") -> dict[str, Any]:
+                seed: int | None = None, input_digest: str = "", retryable: bool | None = None) -> dict[str, Any]:
         backend = self.describer if step == "describe" else self.instructor
         step_cfg = self.acfg.describe if step == "describe" else self.acfg.instruct
         row = {
@@ -442,51 +484,64 @@ class _ItemRun:
             "backend": backend.kind,
             "run_id": self.run_id,
             "generation": self.ctx.generation,
+            "retryable": retryable,
         }
         self.writer.add(row)
         self.outcomes[step][status] += 1
         return row
 
-    async def _describe(self, pair: _Pair, prior: dict | None) -> dict[str, Any]:
-        used = self.ctx.used(prior)
+    async def _ask(self, step: str, pair: _Pair, used: int, ask: Callable, judge: Callable, digest: str = "") -> dict[str, Any]:
+        """Up to `max_attempts` tries of one step for one pair (within the cap across runs): the
+        record of the first answer that passes its checks, else of the last failure. Every failed
+        try is counted by reason."""
         budget = min(self.acfg.max_attempts, self.ctx.cap - used)
-        reason, detail, seed = "not_annotated", "", None
+        reason, detail, seed, retryable = "not_annotated", "", None, True
+        attempt = used
         for attempt in range(used + 1, used + budget + 1):
+            if attempt > used + 1:
+                self.outcomes[step]["resampled"] += 1
+            seed, result = await ask(attempt)
+            if result.ok:
+                ok, reason, detail, output = judge(result)
+                if ok:
+                    return self._record(step, pair, "accepted", attempt, served_model=result.model, seed=seed,
+                                        input_digest=digest, **output)
+            else:
+                reason, detail, retryable = result.error or "bad_response", f"{step}: {result.detail}", result.retryable
+            self.attempt_failures[step][reason] += 1
+            if not retryable:
+                break
+        return self._record(step, pair, "failed", attempt, reason=reason, detail=detail, seed=seed,
+                            input_digest=digest, retryable=retryable)
+
+    async def _describe(self, pair: _Pair, prior: dict | None) -> dict[str, Any]:
+        prompt = self.ctx.prompts.render_describe(pair.word_num)
+
+        async def ask(attempt: int) -> tuple[int, Result]:
             req = DescribeRequest(
                 pair_id=pair.pair_id,
                 seed_key=f"{pair.key}:describe:{attempt}",
-                prompt=self.ctx.prompts.render_describe(pair.word_num),
+                prompt=prompt,
                 word_num=pair.word_num,
                 q_image=pair.q_path or "",
                 t_image=pair.t_path or "",
                 q_caption=pair.q_caption,
                 t_caption=pair.t_caption,
             )
-            seed = req.seed
-            if attempt > used + 1:
-                self.outcomes["describe"]["resampled"] += 1
-            result = await self.describer.adescribe(req)
-            if not result.ok:
-                reason, detail = result.error or "bad_response", f"describe: {result.detail}"
-                if not result.retryable:
-                    return self._record("describe", pair, "failed", attempt, reason=reason, detail=detail, seed=seed)
-                continue
-            text = result.text.strip()
-            ok, why = check_description(text, pair.word_num, self.acfg.word_num_tolerance)
-            if ok:
-                return self._record("describe", pair, "accepted", attempt, text=text, served_model=result.model, seed=seed)
-            reason = why
-            detail = f"describe: {word_count(text)} words for word_num={pair.word_num}; output {_snippet(text)}"
-        return self._record("describe", pair, "failed", used + budget, reason=reason, detail=detail, seed=seed)
+            return req.seed, await self.describer.adescribe(req)
+
+        def judge(result: Result) -> tuple[bool, str, str, dict[str, Any]]:
+            text = (result.text or "").strip()
+            return (*self.ctx.check_description(text, pair), {"text": text})
+
+        return await self._ask("describe", pair, self.ctx.used(prior), ask, judge)
 
     async def _instruct(self, pair: _Pair, description: str, prior: dict | None) -> dict[str, Any]:
         digest = _digest(description)
-        used = self.ctx.used(prior, digest)
-        budget = min(self.acfg.max_attempts, self.ctx.cap - used)
         demos = [self.ctx.prompts.demos[i] for i in pair.demo_ids]
         prompt = self.ctx.prompts.render_instruct(demos, description, self.instructor.structured)
-        reason, detail, seed = "not_annotated", "", None
-        for attempt in range(used + 1, used + budget + 1):
+
+        async def ask(attempt: int) -> tuple[int, Result]:
             req = InstructRequest(
                 pair_id=pair.pair_id,
                 seed_key=f"{pair.key}:instruct:{attempt}",
@@ -497,30 +552,13 @@ class _ItemRun:
                 min_instructions=self.acfg.min_instructions,
                 max_chars=self.acfg.max_instruction_chars,
             )
-            seed = req.seed
-            if attempt > used + 1:
-                self.outcomes["instruct"]["resampled"] += 1
-            result = await self.instructor.ainstruct(req)
-            if not result.ok:
-                reason, detail = result.error or "bad_response", f"instruct: {result.detail}"
-                if not result.retryable:
-                    break
-                continue
-            instructions = parse_instructions(result.text)
-            ok, why = check_instructions(
-                instructions, description, self.acfg.min_instructions, self.acfg.max_instruction_chars
-            )
-            if ok:
-                return self._record(
-                    "instruct", pair, "accepted", attempt, text=result.text, instructions=instructions,
-                    served_model=result.model, seed=seed, input_digest=digest,
-                )
-            reason, detail = why, f"instruct: {len(instructions)} parsed; output {_snippet(result.text)}"
-        else:
-            attempt = used + budget
-        return self._record(
-            "instruct", pair, "failed", attempt, reason=reason, detail=detail, seed=seed, input_digest=digest
-        )
+            return req.seed, await self.instructor.ainstruct(req)
+
+        def judge(result: Result) -> tuple[bool, str, str, dict[str, Any]]:
+            ok, reason, detail, instructions = self.ctx.check_instruct_answer(result.text, description)
+            return ok, reason, detail, {"text": result.text, "instructions": instructions}
+
+        return await self._ask("instruct", pair, self.ctx.used(prior, digest), ask, judge, digest)
 
     async def _one(self, todo: _Todo) -> None:
         pair, d = todo.pair, todo.describe
@@ -630,6 +668,7 @@ def run_annotate_work(
     pool = backends if isinstance(backends, _Backends) else _Backends(cfg, layout, backends)
     request_stats = {step: RequestStats() for step in STEPS}
     outcomes = {step: Counter() for step in STEPS}
+    attempt_failures = {step: Counter() for step in STEPS}
     try:
         if todos:
             describer, instructor = pool.get()
@@ -641,8 +680,8 @@ def run_annotate_work(
                 run_async(runner.run(todos))
             finally:
                 request_stats = {"describe": describer.stats["describe"], "instruct": instructor.stats["instruct"]}
-                outcomes = runner.outcomes
-                _log_item(name, len(pairs), len(todos), request_stats, outcomes)
+                outcomes, attempt_failures = runner.outcomes, runner.attempt_failures
+                _log_item(name, request_stats, outcomes, attempt_failures)
     finally:
         if not isinstance(backends, _Backends):
             pool.close()
@@ -651,7 +690,7 @@ def run_annotate_work(
     by_prefix: dict[str, list[_Pair]] = {}
     for pair in pairs:
         by_prefix.setdefault(prefix_of(pair.pair_id), []).append(pair)
-    accepted_n = failed_n = 0
+    accepted_n = failed_n = retryable_n = 0
     reasons: Counter[str] = Counter()
     for prefix in prefixes:
         ctx.store.compact(prefix)
@@ -663,6 +702,7 @@ def run_annotate_work(
                 raise RuntimeError(f"annotate {name}: pair {pair.pair_id} has no final outcome after its run")
             (accepted if state == "done" else failed).append(value)
         reasons.update(r["reason"] for r in failed)
+        retryable_n += sum(r["retryable"] for r in failed)
         _write_outputs(ctx, prefix, accepted, failed, raw[prefix])
         accepted_n += len(accepted)
         failed_n += len(failed)
@@ -674,9 +714,14 @@ def run_annotate_work(
         "accepted": accepted_n,
         "failed": failed_n,
         "failures_by_reason": dict(sorted(reasons.items())),
+        "retryable_failures": retryable_n,
         "seconds": round(time.perf_counter() - t0, 3),
         "steps": {
-            step: {**request_stats[step].to_dict(), **{k: outcomes[step][k] for k in ("accepted", "failed", "resampled")}}
+            step: {
+                **request_stats[step].to_dict(),
+                **{k: outcomes[step][k] for k in ("accepted", "failed", "resampled")},
+                "attempt_failures": dict(sorted(attempt_failures[step].items())),
+            }
             for step in STEPS
         },
         "inputs": inputs,
@@ -687,12 +732,13 @@ def run_annotate_work(
     return stats
 
 
-def _log_item(name: str, n_pairs: int, n_todo: int, request_stats: dict[str, RequestStats], outcomes: dict) -> None:
+def _log_item(name: str, request_stats: dict[str, RequestStats], outcomes: dict, attempt_failures: dict) -> None:
     for step in STEPS:
         o = outcomes[step]
+        failed_tries = ", ".join(f"{k} {v}" for k, v in sorted(attempt_failures[step].items())) or "none"
         log.info(
-            "annotate %s [%s]: %s; outputs accepted %d, failed %d, re-sampled %d",
-            name, step, request_stats[step].summary(), o["accepted"], o["failed"], o["resampled"],
+            "annotate %s [%s]: %s; outputs accepted %d, failed %d, re-sampled %d; failed tries: %s",
+            name, step, request_stats[step].summary(), o["accepted"], o["failed"], o["resampled"], failed_tries,
         )
 
 
@@ -742,20 +788,27 @@ def finalize_annotate(cfg: PipelineConfig, layout: RunLayout, run_id: str = "") 
 
     steps = {step: RequestStats() for step in STEPS}
     outcomes = {step: Counter() for step in STEPS}
-    pairs_requested = 0
+    attempt_failures = {step: Counter() for step in STEPS}
+    pairs_requested = retryable = 0
     for item in items:
         path = ctx.stats_dir / f"{_item_name(item)}.json"
         if not path.is_file():
             continue
         data = read_json(path)
         pairs_requested += data.get("pairs_requested", 0)
+        retryable += data.get("retryable_failures", 0)
         for step in STEPS:
             steps[step].merge_dict(data["steps"][step])
             outcomes[step].update({k: data["steps"][step].get(k, 0) for k in ("accepted", "failed", "resampled")})
+            attempt_failures[step].update(data["steps"][step].get("attempt_failures", {}))
     acfg = cfg.annotate
     (d_kind, d_model), (i_kind, i_model) = ctx.identity["describe"], ctx.identity["instruct"]
     step_stats = {
-        step: {**steps[step].to_dict(histogram=False), **{k: outcomes[step][k] for k in ("accepted", "failed", "resampled")}}
+        step: {
+            **steps[step].to_dict(histogram=False),
+            **{k: outcomes[step][k] for k in ("accepted", "failed", "resampled")},
+            "attempt_failures": dict(sorted(attempt_failures[step].items())),
+        }
         for step in STEPS
     }
     for step in STEPS:
@@ -767,6 +820,12 @@ def finalize_annotate(cfg: PipelineConfig, layout: RunLayout, run_id: str = "") 
         "accepted": accepted,
         "failed": failed,
         "failures_by_reason": dict(sorted(reasons.items())),
+        # Failures the next execution of the stage would ask again (a model's bad answer, under
+        # max_attempts_across_runs): a re-run of a finished run retries them.
+        "retryable_failures": retryable,
+        # Which execution of the stage made these outputs: a re-run that retried failures is a
+        # new one, so publish runs again with what it added.
+        "output_version": f"{ctx.namespace}:{ctx.generation}",
         "describe_backend": d_kind,
         "describe_model": d_model,
         "instruct_backend": i_kind,

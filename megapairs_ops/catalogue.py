@@ -176,18 +176,36 @@ def split_for_reuse(cfg: PipelineConfig, layout: RunLayout) -> dict:
             return split
     split_path.unlink(missing_ok=True)
 
-    reused = reusable_annotations(cfg, layout, ANNOTATION_SCHEMA)
+    reused, rechecked_out = _passing_current_checks(cfg, reusable_annotations(cfg, layout, ANNOTATION_SCHEMA))
     if reused.num_rows == 0:
         pairs_in = pq.ParquetFile(layout.pairs).metadata.num_rows
-        split = {"key": key, "pairs_in": pairs_in, "reused": 0, "pairs_to_annotate": pairs_in}
+        split = {"key": key, "pairs_in": pairs_in, "reused": 0, "pairs_to_annotate": pairs_in,
+                 "reuse_failed_checks": rechecked_out}
     else:
         pairs = pq.read_table(layout.pairs)
         todo = pairs.filter(pc.invert(pc.is_in(pairs.column("pair_id"), value_set=reused.column("pair_id"))))
         write_parquet(todo, inner.pairs)
         write_parquet(reused, reused_path)
-        split = {"key": key, "pairs_in": pairs.num_rows, "reused": reused.num_rows, "pairs_to_annotate": todo.num_rows}
+        split = {"key": key, "pairs_in": pairs.num_rows, "reused": reused.num_rows, "pairs_to_annotate": todo.num_rows,
+                 "reuse_failed_checks": rechecked_out}
     write_json(split, split_path)  # last: the split is valid once its files are all there
     return split
+
+
+def _passing_current_checks(cfg: PipelineConfig, annotations: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """The published annotations that still pass the current output checks, and how many did not,
+    by reason: those are annotated anew instead of being published again."""
+    from collections import Counter
+
+    from .annotation.checks import TextRules, check_annotation
+
+    rules = TextRules.from_config(cfg.annotate.checks)
+    columns = (annotations.column(c).to_pylist() for c in ("description", "instructions", "word_num"))
+    reasons = [check_annotation(d, i or [], w or 0, cfg.annotate, rules) for d, i, w in zip(*columns)]
+    failed = Counter(r for r in reasons if r)
+    if not failed:
+        return annotations, {}
+    return annotations.filter(pa.array([not r for r in reasons])), dict(sorted(failed.items()))
 
 
 def annotation_layout(layout: RunLayout, split: dict) -> RunLayout:
@@ -227,6 +245,8 @@ def annotate_with_reuse(cfg: PipelineConfig, layout: RunLayout, run_id: str, pro
     split = split_for_reuse(cfg, layout)
     inner = annotation_layout(layout, split)
     stats = annotate_pairs(cfg, inner, run_id, progress=progress)
+    # Published annotations that fail today's checks are asked again, never published again.
+    stats["reuse_failed_checks"] = split.get("reuse_failed_checks", {})
     if not split["reused"]:
         stats["reused"] = 0
         return stats

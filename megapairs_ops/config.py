@@ -300,7 +300,8 @@ class PairsConfig(_Strict):
     # DuckDB's buffer limit; it spills to temp_directory beyond it (process peak is a little above).
     memory_limit: MemorySize = "2GB"
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
-    # Spill folder; None means <run dir>/tmp/duckdb.
+    # Spill folder (relative: inside the run directory); None means <run dir>/tmp/pairs, emptied
+    # when the stage starts.
     temp_directory: str | None = None
 
 
@@ -365,7 +366,60 @@ class StepConfig(_Strict):
         return self
 
 
+# Chat-template and special tokens, per model family. A model that did not stop where its turn
+# ended writes them into its answer (often with debris after them): such an answer is rejected as
+# `template_token`, whatever family the configured model is, since any of them is debris in text.
+DEFAULT_TEMPLATE_TOKENS: dict[str, list[str]] = {
+    # ChatML: Qwen, InternLM2 (InternVL2's language model), Yi
+    "chatml": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+    "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"],
+    "llama2_mistral": ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>"],
+    "gemma": ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>"],
+    "phi": ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
+    # Image placeholders of multimodal prompts: InternVL, LLaVA, Qwen-VL
+    "image_slots": ["<image>", "<img>", "</img>", "<IMG_CONTEXT>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"],
+    "sentencepiece": ["<unk>", "<pad>"],
+}
+# Prompt meta-language: a retrieval instruction speaks about the wanted image, never about the
+# prompt's image slots or the description it was written from (matched as whole words, any case).
+DEFAULT_META_PHRASES: list[str] = [
+    "image 1", "image 2", "image one", "image two", "picture 1", "picture 2", "photo 1", "photo 2",
+    "first image", "second image", "first picture", "second picture", "first photo", "second photo",
+    "query image", "target image", "query picture", "target picture", "query photo", "target photo",
+    "the description", "the given description",
+]
+
+
+class OutputChecksConfig(_Strict):
+    """What a model answer must look like to be accepted as written (annotation/checks.py).
+    Answers that fail are re-sampled, and a pair whose answers keep failing lands in
+    failures.parquet with the reason; it is never published."""
+
+    # Family -> tokens; any token of any family, and any token shaped <|...|>, rejects an answer.
+    template_tokens: dict[str, list[str]] = DEFAULT_TEMPLATE_TOKENS
+    # Phrases an instruction must not contain (descriptions may name the query and target images).
+    meta_phrases: list[str] = DEFAULT_META_PHRASES
+    # Descriptions and every instruction end as a sentence: . ! or ? (closing quotes allowed).
+    require_sentence_end: bool = True
+
+    @field_validator("template_tokens")
+    @classmethod
+    def _tokens_not_blank(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for family, tokens in value.items():
+            if any(not t.strip() for t in tokens):
+                raise ValueError(f"family '{family}' has a blank token; remove it")
+        return value
+
+    @field_validator("meta_phrases")
+    @classmethod
+    def _phrases_not_blank(cls, value: list[str]) -> list[str]:
+        if any(not p.strip() for p in value):
+            raise ValueError("a meta phrase is blank; remove it")
+        return value
+
+
 class AnnotateConfig(_Strict):
+    # A folder of megapairs_ops/prompts/ (describe.txt, instruct.txt, demos.jsonl).
     prompt_version: str = "v1"
     word_num: tuple[int, int] = (60, 100)
     n_demos: Annotated[int, Field(ge=0, le=50)] = 5
@@ -386,6 +440,19 @@ class AnnotateConfig(_Strict):
     pairs_per_task: Annotated[int, Field(ge=1)] = 50_000
     describe: StepConfig = StepConfig()
     instruct: StepConfig = StepConfig()
+    checks: OutputChecksConfig = OutputChecksConfig()
+
+    @field_validator("prompt_version")
+    @classmethod
+    def _prompt_set_exists(cls, version: str) -> str:
+        # Prompt sets ship inside the package, so every worker can check this one up front.
+        from .annotation.prompts import PromptError, load_prompt_set
+
+        try:
+            load_prompt_set(version)
+        except PromptError as exc:
+            raise ValueError(f"{exc}; add that folder or name one that exists") from None
+        return version
 
     @field_validator("word_num")
     @classmethod

@@ -592,6 +592,7 @@ def _triplets_batch(cfg: PipelineConfig, layout: RunLayout) -> _Batch:
         "n_blank_instructions": lambda t: _blank_counts(_combined(t, "q_text")),
         "sims_in_band": lambda t: _sims_in_band(
             _combined(t, "encoders"), _combined(t, "sims"), cfg),
+        "text_check": lambda t: _text_checks(t, cfg),
         # gate figures; left out (and their rules fail naming them) when q_text is unusable
         "instruction_share": lambda t: figures["instruction_share_per_row"],
         "opening_share": lambda t: figures["opening_share_per_row"],
@@ -620,6 +621,8 @@ def _triplets_batch(cfg: PipelineConfig, layout: RunLayout) -> _Batch:
                  f"annotate.word_num range ({w_lo}..{w_hi})", min_value=w_lo, max_value=w_hi),
         _is("sims_in_band", "sims_in_band", True,
             "every sims[j] is strictly inside the band of encoders[j]"),
+        _is("text_passes_output_checks", "text_check", "",
+            "description and instructions pass annotate's output checks (unexpected values name the check)"),
         _unique("q_t_img_unique", "q_img", "t_img"),
         _unique("pair_id_unique", "pair_id"),
     ]
@@ -654,11 +657,21 @@ def _triplets_batch(cfg: PipelineConfig, layout: RunLayout) -> _Batch:
     return _Batch(_to_pandas(_with_helpers(table, type_helpers)), rules + gate_rules, gates=gates)
 
 
+def _text_checks(table: pa.Table, cfg: PipelineConfig) -> pa.Array:
+    """Per triplet, the reason its text would fail annotate's output checks ('' when it passes):
+    the last line of defence, so that no damaged answer is published whatever path it came by."""
+    from .annotation.checks import TextRules, check_annotation
+
+    rules = TextRules.from_config(cfg.annotate.checks)
+    rows = zip(*(_combined(table, c).to_pylist() for c in ("description", "q_text", "word_num")))
+    return pa.array([check_annotation(d, q or [], w or 0, cfg.annotate, rules) for d, q, w in rows], pa.string())
+
+
 def _instruction_figures(cfg: PipelineConfig, layout: RunLayout, table: pa.Table) -> dict[str, Any] | None:
     from .instruction_stats import instruction_stats
 
     try:
-        return instruction_stats(table, per_row=True, top=1, spill_dir=layout.root / "tmp" / "duckdb",
+        return instruction_stats(table, per_row=True, top=1, spill_dir=layout.spill_dir("publish"),
                                  memory_limit=cfg.pairs.memory_limit)
     except Exception as exc:  # a malformed q_text is the schema rules' to report, not a crash
         log.debug("instruction statistics unavailable: %s", exc)

@@ -24,7 +24,7 @@ from megapairs_ops.annotate import (
 )
 from megapairs_ops.annotation.records import RecordStore
 from megapairs_ops.annotation.backends import Backend
-from megapairs_ops.annotation.parsing import check_instructions
+from megapairs_ops.annotation.checks import check_instructions
 from megapairs_ops.annotation.template import TemplateBackend
 from megapairs_ops.config import ConfigError, parse_config
 from megapairs_ops.storage import FAILURE_SCHEMA, RunLayout
@@ -266,27 +266,45 @@ def test_refusals_are_resampled_then_accepted(tmp_path, llm_server):
     assert len(seeds) == 3 and len(set(seeds)) == 3  # each retry is a fresh sample
 
 
+BAD_OUTPUTS = [
+    ("refusal", "instruct", "refusal"),
+    ("too_few", "instruct", "too_few_instructions"),
+    ("refusal", "describe", "refusal"),
+    ("short", "describe", "description_too_short"),
+    ("malformed", "instruct", "bad_response"),
+    ("duplicated", "instruct", "too_few_instructions"),
+    ("bad_json", "instruct", "unclosed_json"),
+    # damaged answers (issue 11): each is re-sampled, then fails with its own reason
+    ("truncated", "describe", "truncated"),
+    ("truncated", "instruct", "truncated"),
+    ("content_filter", "describe", "content_filter"),
+    ("content_filter", "instruct", "content_filter"),
+    ("template_debris", "describe", "template_token"),
+    ("template_debris", "instruct", "template_token"),
+    ("meta_language", "instruct", "meta_language"),
+    ("cut_last", "instruct", "unfinished_sentence"),
+]
+
+
+# Structured output (a JSON schema) changes only the instruct step's answers: both paths are held
+# to the same checks.
 @pytest.mark.parametrize(
-    ("fault", "kind", "reason"),
-    [
-        ("refusal", "instruct", "refusal"),
-        ("too_few", "instruct", "too_few_instructions"),
-        ("refusal", "describe", "refusal"),
-        ("short", "describe", "description_too_short"),
-        ("malformed", "instruct", "bad_response"),
-        ("duplicated", "instruct", "too_few_instructions"),
-        ("bad_json", "instruct", "too_few_instructions"),
-    ],
+    ("fault", "kind", "reason", "structured"),
+    [(*case, False) for case in BAD_OUTPUTS] + [(*case, True) for case in BAD_OUTPUTS if case[1] == "instruct"],
 )
-def test_persistent_bad_output_ends_as_a_failure_row(tmp_path, llm_server, fault, kind, reason):
+def test_persistent_bad_output_ends_as_a_failure_row(tmp_path, llm_server, fault, kind, reason, structured):
     llm_server.reset()
     layout = good_pair_layout(tmp_path / "run")
     llm_server.inject(fault, times=100, kind=kind)
-    stats = annotate_pairs(openai_cfg(llm_server, max_attempts=2), layout, "run-1")
+    cfg = openai_cfg(llm_server, {"structured_output": structured}, max_attempts=2)
+    stats = annotate_pairs(cfg, layout, "run-1")
     assert stats["accepted"] == 0 and stats["failures_by_reason"] == {reason: 1}
+    assert stats["retryable_failures"] == 1  # a model's bad answer: a later run may ask again
+    assert stats["steps"][kind]["attempt_failures"] == {reason: 2}
     (row,) = read(layout.failures_part("annotate")).to_pylist()
-    assert row["attempts"] == 2 and row["detail"].startswith(kind)
+    assert row["attempts"] == 2 and row["detail"].startswith(f"{kind}: ")
     assert len(llm_server.chat_requests(kind)) == 2
+    assert all(bool(r.body.get("response_format")) == structured for r in llm_server.chat_requests("instruct"))
     assert read(layout.annotations).num_rows == 0
 
 
@@ -314,8 +332,15 @@ def test_transformers_describe_path(layout, tiny_vlm_dir):
     _, fail = check_outputs(layout, cfg, stats)
     reasons = stats["failures_by_reason"]
     assert reasons.get("image_missing") == 1 and reasons.get("truncated_image") == 3
-    # Eight new tokens are far below 60 words: the real path ran and the check rejected its output.
-    assert reasons.get("description_too_short") == 7
+    # Eight new tokens are far from a description: the real path ran and its answers failed. Most
+    # stop at max_tokens and fail as truncated, never judged as text; one whose random weights
+    # emitted the end token early fails the text checks.
+    model_reasons = {k: v for k, v in reasons.items() if k not in ("image_missing", "truncated_image")}
+    assert sum(model_reasons.values()) == 7 and model_reasons.get("truncated", 0) >= 4
+    assert set(model_reasons) <= {"truncated", "unfinished_sentence", "description_too_short", "empty_description"}
+    details = [r["detail"] for r in fail.to_pylist() if r["reason"] == "truncated"]
+    assert all(d.startswith("describe: finish_reason=length after 8 tokens (max_tokens=8)") for d in details)
+    assert stats["steps"]["describe"]["attempt_failures"] == {**model_reasons, "truncated_image": 3}
     assert stats["describe_model"] == str(tiny_vlm_dir)
 
 

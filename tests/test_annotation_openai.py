@@ -9,7 +9,8 @@ import pytest
 
 from megapairs_ops.annotation.backends import BackendError, EndpointUnavailable, make_backend
 from megapairs_ops.annotation.openai_backend import OpenAIBackend, resolve_endpoint, retry_after_seconds
-from megapairs_ops.annotation.parsing import check_description, check_instructions, parse_instructions
+from megapairs_ops.annotation.checks import check_description, check_instructions
+from megapairs_ops.annotation.parsing import parse_instructions
 from megapairs_ops.config import StepConfig
 from tests.fixtures.llm_server import REFUSAL_TEXT, fake_instructions
 from tests.test_annotation_backends import describe_request, instruct_request, pair_images  # noqa: F401
@@ -166,6 +167,38 @@ def test_refusal_text_comes_back_as_text(llm_server):
         (result,) = backend.instruct([instruct_request()])
     assert result.ok and result.text == REFUSAL_TEXT
     assert check_instructions(parse_instructions(result.text), "d", 3) == (False, "refusal")
+
+
+@pytest.mark.parametrize(("fault", "reason"), [("truncated", "truncated"), ("content_filter", "content_filter")])
+def test_an_answer_the_model_did_not_finish_is_a_failed_result(llm_server, pair_images, fault, reason):
+    """finish_reason "length" (max_tokens) or "content_filter": whatever text came, it is no answer."""
+    llm_server.reset()
+    llm_server.inject(fault, kind="describe")
+    llm_server.inject(fault, kind="instruct")
+    with OpenAIBackend(openai_step(llm_server)) as backend:
+        (described,) = backend.describe([describe_request(pair_images)])
+        (instructed,) = backend.instruct([instruct_request()])
+        stats = {s: backend.stats[s].to_dict() for s in backend.stats}
+    finish = {"truncated": "length", "content_filter": "content_filter"}[fault]
+    for result, step in ((described, "describe"), (instructed, "instruct")):
+        assert not result.ok and result.error == reason and result.retryable
+        assert result.detail.startswith(f"finish_reason={finish} after ") and "max_tokens=512" in result.detail
+        assert stats[step]["errors"] == {reason: 1}
+    assert len(llm_server.chat_requests()) == 2  # a bad answer is the stage's to re-sample, not re-sent here
+    llm_server.reset()
+
+
+def test_a_model_the_server_does_not_serve_stops_at_once(llm_server):
+    llm_server.reset()
+    llm_server.inject("http_404", times=10)
+    with OpenAIBackend(openai_step(llm_server, model="no-such-model", http_attempts=4), sleep=Sleeps()) as backend:
+        with pytest.raises(BackendError) as err:
+            backend.instruct([instruct_request()])
+    message = str(err.value)
+    assert message.startswith("annotate.instruct.model: ") and "HTTP 404" in message
+    assert "no-such-model" in message and "\n" not in message
+    assert len(llm_server.chat_requests()) == 1
+    llm_server.reset()
 
 
 def test_timeouts_and_dropped_connections_are_resent(llm_server):

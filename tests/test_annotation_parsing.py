@@ -3,14 +3,8 @@ import shutil
 
 import pytest
 
-from megapairs_ops.annotation.parsing import (
-    check_description,
-    check_instructions,
-    is_refusal,
-    normalise,
-    parse_instructions,
-    word_count,
-)
+from megapairs_ops.annotation.checks import check_description, check_instructions, word_count
+from megapairs_ops.annotation.parsing import normalise, parse_instructions
 from megapairs_ops.annotation.prompts import (
     POOL_SIZE,
     PROMPTS_ROOT,
@@ -86,69 +80,6 @@ def test_unmarked_lines_fall_back_to_one_per_line():
     assert parse_instructions("Instructions:\nFind a cup.\nShow a pot.") == ["Find a cup.", "Show a pot."]
 
 
-# -- checks -------------------------------------------------------------------------------
-
-
-def test_check_instructions_accepts_good_set():
-    assert check_instructions(GOOD, DESCRIPTION, 3) == (True, "")
-
-
-def test_check_instructions_too_few_distinct():
-    assert check_instructions(GOOD[:2], DESCRIPTION, 3) == (False, "too_few_instructions")
-    assert check_instructions([GOOD[0], GOOD[0].upper(), GOOD[1]], DESCRIPTION, 3) == (False, "too_few_instructions")
-
-
-@pytest.mark.parametrize(
-    "refusal",
-    [
-        "I'm sorry, but I can't help with that.",
-        "As an AI language model, I cannot see images.",
-        "I cannot generate instructions for this.",
-        "Sorry, but I am unable to do that.",
-        "I apologize, I do not have the ability to view images.",
-    ],
-)
-def test_check_instructions_refusal(refusal):
-    assert is_refusal(refusal)
-    assert check_instructions([refusal, *GOOD], DESCRIPTION, 3) == (False, "refusal")
-    assert check_instructions(parse_instructions(refusal), DESCRIPTION, 3) == (False, "refusal")
-
-
-def test_check_instructions_copies_description():
-    assert check_instructions([DESCRIPTION, *GOOD], DESCRIPTION, 3) == (False, "copies_description")
-    first_sentence = DESCRIPTION.split(". ")[0]
-    assert check_instructions([first_sentence, *GOOD], DESCRIPTION, 3) == (False, "copies_description")
-
-
-def test_check_instructions_too_long():
-    long = "Find " + "a very red cup " * 40
-    assert check_instructions([long, *GOOD], DESCRIPTION, 3) == (False, "instruction_too_long")
-    assert check_instructions(GOOD, DESCRIPTION, 3, max_chars=20) == (False, "instruction_too_long")
-
-
-def test_check_description():
-    words = " ".join(["word"] * 80)
-    assert check_description(words, 80) == (True, "")
-    assert check_description(" ".join(["word"] * 40), 80) == (True, "")  # lower edge: 80 * 0.5
-    assert check_description(" ".join(["word"] * 120), 80) == (True, "")  # upper edge: 80 * 1.5
-    assert check_description(" ".join(["word"] * 39), 80) == (False, "description_too_short")
-    assert check_description(" ".join(["word"] * 121), 80) == (False, "description_too_long")
-    assert check_description("   ", 80) == (False, "empty_description")
-    assert check_description(None, 80) == (False, "empty_description")
-    assert check_description("I'm sorry, I cannot see the images. " + words, 80) == (False, "refusal")
-    assert check_description(words, 80, tolerance=0.1) == (True, "")
-    assert check_description(" ".join(["word"] * 70), 80, tolerance=0.1) == (False, "description_too_short")
-
-
-def test_word_count_ignores_punctuation_tokens():
-    assert word_count("A red cup — on a table , really .") == 7
-
-
-def test_ordinary_description_is_not_a_refusal():
-    assert not is_refusal(DESCRIPTION)
-    assert not is_refusal("The sign in the target image reads 'sorry we are closed'.")
-
-
 # -- prompts ------------------------------------------------------------------------------
 
 
@@ -163,8 +94,9 @@ def test_pool_has_fifty_realistic_demos(prompt_set):
     for demo in prompt_set.demos:
         assert 60 <= word_count(demo.description) <= 100, demo.description
         assert 3 <= len(demo.instructions) <= 4
-        # The demos teach the model what we accept: each set passes our own checks.
+        # The demos teach the model what we accept: each one passes our own checks.
         assert check_instructions(list(demo.instructions), demo.description, 3) == (True, ""), demo
+        assert check_description(demo.description, word_count(demo.description)) == (True, ""), demo
 
 
 def test_draw_demos_is_deterministic_distinct_and_key_dependent(prompt_set):

@@ -76,15 +76,16 @@ def test_vllm_config_validation():
 
 
 class _FakeCompletion:
-    def __init__(self, text, n_tokens):
+    def __init__(self, text, n_tokens, finish_reason):
         self.text = text
         self.token_ids = list(range(n_tokens))
+        self.finish_reason = finish_reason
 
 
 class _FakeOutput:
-    def __init__(self, text, n_prompt, n_tokens):
+    def __init__(self, text, n_prompt, n_tokens, finish_reason="stop"):
         self.prompt_token_ids = list(range(n_prompt))
-        self.outputs = [_FakeCompletion(text, n_tokens)]
+        self.outputs = [_FakeCompletion(text, n_tokens, finish_reason)]
 
 
 @pytest.fixture
@@ -105,6 +106,9 @@ def fake_vllm(monkeypatch):
                 content = conv[0]["content"]
                 if isinstance(content, str) and "TOO LONG" in content:
                     raise ValueError("prompt too long")
+                if isinstance(content, str) and "MAX TOKENS" in content:  # stopped by max_tokens
+                    out.append(_FakeOutput('{"instructions": ["a b c", "d e', 11, 512, "length"))
+                    continue
                 out.append(_FakeOutput('{"instructions": ["a b c", "d e f", "g h i"]}', 11, 7))
             return out
 
@@ -156,3 +160,11 @@ def test_STUB_structured_instruct_and_batch_failure_isolation(fake_vllm):
     schema = first_call_params[0].kwargs["structured_outputs"].json
     assert schema == instructions_schema(reqs[0].min_instructions, reqs[0].max_chars)
     assert len(fake_vllm["chat"]) == 1 + 3  # the failed batch, then one call per request
+
+
+def test_STUB_an_answer_cut_by_max_tokens_is_truncated(fake_vllm):
+    backend = make_backend(StepConfig(backend="vllm", model="meta-llama/Meta-Llama-3-8B-Instruct"))
+    ok, cut = backend.instruct([instruct_request(), instruct_request(prompt="MAX TOKENS")])
+    assert ok.ok and ok.error is None
+    assert not cut.ok and cut.error == "truncated" and cut.retryable
+    assert cut.detail.startswith("finish_reason=length after 512 tokens (max_tokens=512)")

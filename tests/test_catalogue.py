@@ -110,3 +110,30 @@ def test_grown_corpus_mines_only_against_the_new_images(two_versions):
         assert inc["parent"] == "v1" and inc["new_queries"] == GROWN_NEW
         assert inc["queries_from_parent"] == inc["old_queries_searched_against_new"] == n_old
         assert inc["removed_images"] == inc["changed_vectors"] == inc["remined_queries"] == 0
+
+
+@pytest.mark.slow
+def test_published_annotations_that_fail_todays_checks_are_asked_again(two_versions, grown_sample_corpus):
+    """A stricter check (here: one more meta phrase) applies to annotations the catalogue offers
+    for reuse too: what fails it is annotated anew, and never published again as it was."""
+    import yaml
+
+    v1, v2 = two_versions
+    phrase = "different composition"  # in one of the template baseline's generic instructions
+    old = [r for r in pq.read_table(v2.triplets_dir).to_pylist() if any(phrase in q for q in r["q_text"])]
+    assert old, "the baseline should have used the phrase somewhere"
+    data = yaml.safe_load(open(DEMO))
+    data["annotate"]["checks"] = {"meta_phrases": [phrase]}
+    data["gates"]["failure_rate"] = None
+    config = v2.root.parent / "strict.yaml"
+    config.write_text(yaml.safe_dump(data))
+    v3 = RunLayout(v2.root.parent / "v3")
+    assert main(["run", "--config", str(config), "--corpus", str(grown_sample_corpus), "--out", str(v3.root)]) == 0
+    ann = read_json(v3.status("annotate"))
+    assert ann["reuse_failed_checks"] == {"meta_language": len(old)}
+    assert ann["pairs_annotated"] == len(old)
+    published = pq.read_table(v3.triplets_dir).to_pylist()
+    assert not [r for r in published if any(phrase in q for q in r["q_text"])]
+    failed = {r["pair_id"]: r["reason"] for r in pq.read_table(v3.failures).to_pylist()}
+    for row in old:  # re-asked: published with other instructions, or a failure with its reason
+        assert row["pair_id"] in {r["pair_id"] for r in published} or failed[row["pair_id"]] == "meta_language"

@@ -118,7 +118,7 @@ def triplet_rows() -> list[dict]:
         rows.append(
             {
                 "q_img": f"/data/img/{q}.jpg",
-                "q_text": [f"Find a {w} scene like this" for w in ("red", "wide", "calm")],
+                "q_text": [f"Find a {w} scene like this." for w in ("red", "wide", "calm")],
                 "t_img": f"/data/img/{t}.jpg",
                 "hns": [f"/data/img/{q}.jpg"] + [f"/data/img/{h}.jpg" for h in p["hn_ids"]],
                 "pair_id": p["pair_id"],
@@ -126,7 +126,7 @@ def triplet_rows() -> list[dict]:
                 "t_id": t,
                 "encoders": p["encoders"],
                 "sims": p["sims"],
-                "description": "Both show a street; the second one is at night.",
+                "description": " ".join(["Both show the same quiet street, and the second one is at night."] * 6),
                 "word_num": 72,
                 "describe_model": "template",
                 "instruct_model": "template",
@@ -169,6 +169,14 @@ WRITERS = {
 
 def run(stage, cfg, layout):
     return validate_stage(stage, cfg, layout, encoder="sem" if stage == "mining" else None)
+
+
+def test_damaged_text_gate_names_the_check_that_failed(cfg, layout):
+    rows = triplet_rows()
+    rows[0]["description"] += " <|im_end|> {{{"
+    write_triplets(layout, rows)
+    with pytest.raises(ValidationFailed, match=r"text_passes_output_checks \(1 of 4 rows; e.g. 'template_token'\)"):
+        run("triplets", cfg, layout)
 
 
 @pytest.mark.parametrize("stage", list(WRITERS))
@@ -263,6 +271,13 @@ VIOLATIONS = [
     ("triplets", _set(0, run_id=None), "run_id_not_null"),
     ("triplets", _set(0, prompt_version=None), "prompt_version_not_null"),
     ("triplets", _set(0, word_num=5), "word_num_in_range"),
+    # damaged model text that got past annotate would still not publish
+    ("triplets", _fn(lambda r: r[0].update(description=r[0]["description"] + " <|im_end|> {{{")),
+     "text_passes_output_checks"),
+    ("triplets", _fn(lambda r: r[0]["q_text"].__setitem__(1, "Find Image 2 but at night.")),
+     "text_passes_output_checks"),
+    ("triplets", _fn(lambda r: r[0]["q_text"].__setitem__(2, "Find the same street but with a")),
+     "text_passes_output_checks"),
 ]
 
 

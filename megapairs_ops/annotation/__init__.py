@@ -15,14 +15,8 @@ from .backends import (
     load_image,
     make_backend,
 )
-from .parsing import (
-    check_description,
-    check_instructions,
-    instructions_schema,
-    is_refusal,
-    normalise,
-    parse_instructions,
-)
+from .checks import TextRules, check_answer, check_description, check_instructions, is_refusal
+from .parsing import instructions_schema, normalise, parse_instructions
 from .prompts import Demo, PromptError, PromptSet, draw_demos, draw_word_num, load_prompt_set, seed_key
 
 __all__ = [
@@ -35,6 +29,8 @@ __all__ = [
     "PromptError",
     "PromptSet",
     "Result",
+    "TextRules",
+    "check_answer",
     "check_description",
     "check_instructions",
     "draw_demos",

@@ -95,6 +95,25 @@ class Result:
         return self.error is None and self.text is not None
 
 
+# Completion endings that make an answer unusable whatever its text: cut off by max_tokens
+# ("length"), or withheld or cut by the provider's filter ("content_filter"). Such an answer is a
+# failed attempt, re-sampled like any other bad output.
+FINISH_FAILURES = {"length": "truncated", "content_filter": "content_filter"}
+
+
+def completion_result(
+    text: str | None, model: str, finish_reason: str | None, max_tokens: int, tokens_in: int = 0, tokens_out: int = 0
+) -> Result:
+    """A model's answer as a Result, failed when the model did not finish it."""
+    reason = FINISH_FAILURES.get(finish_reason or "")
+    if reason is None:
+        return Result(text, model, tokens_in=tokens_in, tokens_out=tokens_out)
+    shown = repr((text or "")[-120:])
+    detail = f"finish_reason={finish_reason} after {tokens_out or '?'} tokens (max_tokens={max_tokens}); ends {shown}"
+    # The text stays for inspection; a Result with an error is never used as an answer.
+    return Result(text, model, reason, detail, tokens_in=tokens_in, tokens_out=tokens_out)
+
+
 def run_async(coro: Awaitable[T]) -> T:
     """Run a coroutine on a fresh event loop (uvloop when installed: cheaper per request)."""
     try:

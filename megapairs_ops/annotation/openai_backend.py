@@ -40,9 +40,11 @@ from .backends import (
     BackendError,
     DescribeRequest,
     EndpointUnavailable,
+    FINISH_FAILURES,
     ImageLoadError,
     InstructRequest,
     Result,
+    completion_result,
     image_data_url,
     image_file_url,
     run_async,
@@ -86,15 +88,29 @@ class Endpoint:
         return self.base_url.rstrip("/") + "/chat/completions"
 
 
+class EndpointConfigError(BackendError):
+    """The endpoint or its key cannot be resolved from the step's config; `field` names the
+    StepConfig key to fix (connection_id, api_key_env or base_url)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.field, str(self))
+
+
 def _airflow_connection(conn_id: str) -> Any:
     try:
         from airflow.sdk import Connection
     except ImportError as exc:
-        raise BackendError(f"connection_id '{conn_id}' needs Airflow installed ({exc})") from None
+        raise EndpointConfigError("connection_id", f"connection_id '{conn_id}' needs Airflow installed ({exc})") from None
     try:
         return Connection.get(conn_id)
     except Exception as exc:  # AirflowNotFoundException and secrets-backend errors
-        raise BackendError(f"Airflow connection '{conn_id}' could not be read: {type(exc).__name__}") from None
+        raise EndpointConfigError(
+            "connection_id", f"Airflow connection '{conn_id}' could not be read: {type(exc).__name__}"
+        ) from None
 
 
 def _connection_base_url(conn: Any) -> str | None:
@@ -124,9 +140,10 @@ def resolve_endpoint(step: StepConfig) -> Endpoint:
     if not key and step.api_key_env:
         key = os.environ.get(step.api_key_env)
         if not key:
-            raise BackendError(
+            raise EndpointConfigError(
+                "api_key_env",
                 f"annotate backend 'openai': environment variable {step.api_key_env} "
-                "(named by api_key_env) is not set or empty"
+                "(named by api_key_env) is not set or empty",
             )
         source = f"env:{step.api_key_env}"
         # Inside an Airflow worker, have the task log redact it too (never import Airflow for this).
@@ -138,8 +155,9 @@ def resolve_endpoint(step: StepConfig) -> Endpoint:
             except Exception:
                 pass
     if not base_url:
-        raise BackendError(
-            f"annotate backend 'openai': no endpoint; set base_url or give connection '{step.connection_id}' a host"
+        raise EndpointConfigError(
+            "base_url",
+            f"annotate backend 'openai': no endpoint; set base_url or give connection '{step.connection_id}' a host",
         )
     return Endpoint(base_url, key or None, source)
 
@@ -428,24 +446,29 @@ class OpenAIBackend(Backend):
         }
         if self.step.stop:
             payload["stop"] = list(self.step.stop)
-        body, error, detail = await self._post(self.stats[step], json.dumps(payload).encode())
+        body, error, detail = await self._post(step, json.dumps(payload).encode())
         if body is None:
             return Result(None, self.model_name, error, self._scrub(detail))
-        try:
-            text = body["choices"][0]["message"]["content"]
-            if not isinstance(text, str):
-                raise TypeError(f"content is {type(text).__name__}")
-        except (KeyError, IndexError, TypeError) as exc:
-            self.stats[step].count_error("bad_response")
-            return Result(None, self.model_name, "bad_response", self._scrub(f"unexpected response shape: {exc!r}"))
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
         tokens_in, tokens_out = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         self.stats[step].add_tokens(tokens_in, tokens_out)
         model = body.get("model") if isinstance(body.get("model"), str) else self.model_name
-        return Result(text, model, tokens_in=tokens_in, tokens_out=tokens_out)
+        try:
+            choice = body["choices"][0]
+            text, finish = choice["message"].get("content"), choice.get("finish_reason")
+            if finish not in FINISH_FAILURES and not isinstance(text, str):
+                raise TypeError(f"content is {type(text).__name__}")
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            self.stats[step].count_error("bad_response")
+            return Result(None, self.model_name, "bad_response", self._scrub(f"unexpected response shape: {exc!r}"))
+        result = completion_result(text, model, finish, self.step.max_tokens, tokens_in, tokens_out)
+        if result.error:
+            self.stats[step].count_error(result.error)
+        return result
 
-    async def _post(self, stats: RequestStats, payload: bytes) -> tuple[dict | None, str | None, str]:
+    async def _post(self, step: str, payload: bytes) -> tuple[dict | None, str | None, str]:
         session = self._require_session()
+        stats = self.stats[step]
         breaker = session.breaker
         error, detail = "server_error", ""
         attempt = 0
@@ -490,6 +513,16 @@ class OpenAIBackend(Backend):
                     raise BackendError(
                         f"{self.endpoint.base_url} rejected the credentials (HTTP {status}, key from "
                         f"{self.endpoint.key_source}): {self._scrub(snippet)}"
+                    )
+                if status == 404:
+                    # vLLM and OpenAI answer 404 for a model the endpoint does not serve (and any
+                    # server for a wrong path): every request would get it.
+                    stats.observe(elapsed, "not_found")
+                    breaker.abandon_probe()
+                    raise BackendError(
+                        f"annotate.{step}.model: {self.endpoint.chat_url} answered HTTP 404 for model "
+                        f"'{self.model_name}': {self._scrub(snippet)}; check the model name (GET /v1/models "
+                        "lists what the server serves) and base_url"
                     )
                 if status == 429:
                     error, detail = "rate_limited", f"HTTP 429: {snippet}"

@@ -1,7 +1,5 @@
-"""Turning model text into instructions, and deciding whether an output is usable.
-
-Every rejection has a short snake_case reason so failures can be counted and filtered.
-"""
+"""Turning model text into instructions: a JSON array or {"instructions": [...]}, or a numbered or
+bulleted list in the formats chat models write. Whether the result is usable is checks.py's call."""
 
 from __future__ import annotations
 
@@ -14,16 +12,6 @@ _LABEL = re.compile(r"^(?:instruction|query|option)\s*#?\d*\s*[:.\-–]\s*", re.
 _MARKUP = re.compile(r"\*\*|__|`")
 _QUOTES = "\"'“”‘’«»"
 _TRAILING = " \t.,;:!?…"
-
-# Openings of model refusals and disclaimers; checked at the start of the text and after
-# a short lead-in, since models often refuse mid-way through a polite first clause.
-_REFUSAL = re.compile(
-    r"\b(?:i'?m sorry|i am sorry|sorry, (?:but )?i|as an ai\b|as a language model|i cannot|i can'?t\b|"
-    r"i can not|i am unable|i'?m unable|i am not able|i'?m not able|unable to (?:view|see|process)|"
-    r"i apologi[sz]e|i do not have the ability|i don'?t have the ability|"
-    r"i won'?t be able|cannot (?:view|see) (?:the )?images?)",
-    re.I,
-)
 
 
 def instructions_schema(min_n: int = 3, max_chars: int = 300) -> dict:
@@ -95,14 +83,17 @@ def _from_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip() and not line.rstrip().endswith(":")]
 
 
+def strip_fence(text: str) -> str:
+    """The inside of a text that is one fenced block, else the text itself."""
+    fenced = _FENCE.match(text)
+    return fenced.group(1).strip() if fenced else text
+
+
 def parse_instructions(text: str | None) -> list[str]:
     """Instructions from a JSON array / {"instructions": [...]} or a numbered or bulleted list."""
     if not text or not text.strip():
         return []
-    text = text.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
+    text = strip_fence(text.strip())
     raw = _from_json(text) if text[:1] in "[{" or '"instructions"' in text else None
     if raw is None:
         raw = _from_lines(text)
@@ -115,44 +106,3 @@ def parse_instructions(text: str | None) -> list[str]:
             seen.add(key)
             out.append(cleaned)
     return out
-
-
-def is_refusal(text: str) -> bool:
-    head = text.strip()[:160]
-    return bool(_REFUSAL.search(head))
-
-
-def word_count(text: str) -> int:
-    return sum(1 for token in text.split() if any(ch.isalnum() for ch in token))
-
-
-def check_description(text: str | None, word_num: int, tolerance: float = 0.5) -> tuple[bool, str]:
-    if not text or not text.strip():
-        return False, "empty_description"
-    if is_refusal(text):
-        return False, "refusal"
-    n = word_count(text)
-    lo, hi = word_num * (1 - tolerance), word_num * (1 + tolerance)
-    if n < lo:
-        return False, "description_too_short"
-    if n > hi:
-        return False, "description_too_long"
-    return True, ""
-
-
-def check_instructions(
-    instrs: list[str], description: str, min_n: int, max_chars: int = 300
-) -> tuple[bool, str]:
-    if any(is_refusal(s) for s in instrs):
-        return False, "refusal"
-    desc_key = normalise(description)
-    distinct = {normalise(s) for s in instrs if normalise(s)}
-    for key in distinct:
-        # An "instruction" that is the description, or a long verbatim slice of it, teaches nothing.
-        if key == desc_key or (len(key.split()) >= 12 and key in desc_key):
-            return False, "copies_description"
-    if any(len(s) > max_chars for s in instrs):
-        return False, "instruction_too_long"
-    if len(distinct) < min_n:
-        return False, "too_few_instructions"
-    return True, ""

@@ -44,6 +44,9 @@ RECORD_SCHEMA = pa.schema(
         # Which stage execution wrote it: failures of the current, unfinished one are final for
         # it (a resumed task keeps them); failures of a finished one are retried by the next.
         ("generation", pa.int32()),
+        # False for a failure that asking again cannot fix (an unreadable image); null in records
+        # written before this column existed, which count as retryable.
+        ("retryable", pa.bool_()),
         ("created_ns", pa.int64()),
     ]
 )

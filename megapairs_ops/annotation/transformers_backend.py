@@ -21,6 +21,7 @@ from .backends import (
     ImageLoadError,
     InstructRequest,
     Result,
+    completion_result,
     load_image,
 )
 
@@ -105,7 +106,9 @@ class TransformersBackend(Backend):
         return self._vlm
 
     # -- generation --------------------------------------------------------------------------
-    def _generate(self, model: Any, inputs: dict[str, Any], seed: int, pad_token_id: int | None) -> Any:
+    def _generate(self, model: Any, inputs: dict[str, Any], seed: int, pad_token_id: int | None) -> tuple[Any, str]:
+        """The new tokens, and why generation ended: "stop" (end of sequence) or "length"
+        (max_tokens reached first)."""
         import torch
 
         torch.manual_seed(seed)
@@ -116,7 +119,11 @@ class TransformersBackend(Backend):
             kwargs.update(do_sample=False)
         with torch.inference_mode():
             out = model.generate(**inputs, **kwargs)
-        return out[0, inputs["input_ids"].shape[1] :]
+        new_tokens = out[0, inputs["input_ids"].shape[1] :]
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        cut = len(new_tokens) >= self.step.max_tokens and int(new_tokens[-1]) not in eos_ids
+        return new_tokens, "length" if cut else "stop"
 
     def instruct(self, requests: Sequence[InstructRequest]) -> list[Result]:
         self.count("instruct", len(requests))
@@ -133,8 +140,12 @@ class TransformersBackend(Backend):
                     inputs = tokenizer(req.prompt, return_tensors="pt")
                 inputs = _to_model(inputs, model)
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-                new_tokens = self._generate(model, inputs, req.seed, pad)
-                results.append(Result(tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), self.model_name))
+                new_tokens, finish = self._generate(model, inputs, req.seed, pad)
+                text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+                results.append(completion_result(
+                    text, self.model_name, finish, self.step.max_tokens,
+                    tokens_in=int(inputs["input_ids"].shape[1]), tokens_out=len(new_tokens),
+                ))
             except Exception as exc:  # one bad generation must not sink the batch
                 results.append(Result(None, self.model_name, "generation_error", f"{type(exc).__name__}: {exc}"))
         return results
@@ -154,21 +165,21 @@ class TransformersBackend(Backend):
             try:
                 if self._two_images:
                     try:
-                        text = self._describe_images(processor, model, images, req.prompt, req.seed)
+                        result = self._describe_images(processor, model, images, req.prompt, req.seed)
                     except (ValueError, RuntimeError, IndexError) as exc:
                         # Single-image models fail on the second image; fall back to a composite.
                         log.warning("%s: two-image input failed (%s); using side-by-side images", self.model_name, exc)
                         self._two_images = False
                 if not self._two_images:
-                    text = self._describe_images(
+                    result = self._describe_images(
                         processor, model, [side_by_side(*images)], req.prompt + SIDE_BY_SIDE_NOTE, req.seed
                     )
-                results.append(Result(text, self.model_name))
+                results.append(result)
             except Exception as exc:
                 results.append(Result(None, self.model_name, "generation_error", f"{type(exc).__name__}: {exc}"))
         return results
 
-    def _describe_images(self, processor: Any, model: Any, images: list[Image.Image], prompt: str, seed: int) -> str:
+    def _describe_images(self, processor: Any, model: Any, images: list[Image.Image], prompt: str, seed: int) -> Result:
         content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
         content.append({"type": "text", "text": prompt})
         if getattr(processor, "chat_template", None):
@@ -181,5 +192,9 @@ class TransformersBackend(Backend):
         inputs = _to_model(processor(text=text, images=images, return_tensors="pt"), model)
         tokenizer = getattr(processor, "tokenizer", processor)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        new_tokens = self._generate(model, inputs, seed, pad)
-        return processor.decode(new_tokens, skip_special_tokens=True).strip()
+        new_tokens, finish = self._generate(model, inputs, seed, pad)
+        text = processor.decode(new_tokens, skip_special_tokens=True).strip()
+        return completion_result(
+            text, self.model_name, finish, self.step.max_tokens,
+            tokens_in=int(inputs["input_ids"].shape[1]), tokens_out=len(new_tokens),
+        )

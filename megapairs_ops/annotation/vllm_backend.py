@@ -30,6 +30,7 @@ from .backends import (
     ImageLoadError,
     InstructRequest,
     Result,
+    completion_result,
     load_image,
 )
 from .parsing import instructions_schema
@@ -151,9 +152,11 @@ class VLLMBackend(Backend):
                 results.append(Result(None, self.model_name, "bad_response", "no completion"))
                 continue
             results.append(
-                Result(
+                completion_result(
                     completion.text,
                     self.model_name,
+                    getattr(completion, "finish_reason", None),
+                    self.step.max_tokens,
                     tokens_in=len(out.prompt_token_ids or ()),
                     tokens_out=len(completion.token_ids or ()),
                 )
