@@ -136,9 +136,14 @@ def _run(stage: str, encoder: str | None = None) -> dict:
 def megapairs_synthesis():
     @task
     def plan_encoders() -> list[str]:
-        """Validate the config before any work starts and list the encoders to fan out over."""
+        """Validate the config, the environment variables and the model endpoints it names before
+        any work starts, and list the encoders to fan out over."""
+        from megapairs_ops.pipeline import check_before_run
+
         with _fail_without_retry_on_bad_input():
-            return [e.name for e in _ctx().cfg.encoders]
+            ctx = _ctx()
+            check_before_run(ctx)
+            return [e.name for e in ctx.cfg.encoders]
 
     @task
     def ingest() -> dict:

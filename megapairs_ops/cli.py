@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .preflight import preflight, raise_on_fatal
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage")
     p.add_argument("--encoder", default=None)
 
-    p = sub.add_parser("check-config", help="validate a config file and print it resolved")
+    p = sub.add_parser(
+        "check-config",
+        help="validate a config file (and the environment variables and endpoints it names) and print it resolved",
+    )
     p.add_argument("config")
 
     p = sub.add_parser("airflow-pools", help="create or update the Airflow pools a profile routes tasks to")
@@ -86,6 +90,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "check-config":
         cfg = load_config(args.config)
+        raise_on_fatal(preflight(cfg), args.config)
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     if args.command == "summary":
@@ -107,6 +112,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     )
     if not ctx.corpus.exists():
         raise FileNotFoundError(f"corpus {ctx.corpus} does not exist")
+    if args.command == "stage":
+        pipeline.check_before_run(ctx, stages=[args.stage])
+    else:
+        pipeline.check_before_run(ctx, until=args.until)
     if args.command == "run":
         pipeline.run_pipeline(ctx, until=args.until, force=args.force)
         if args.until in (None, "publish"):
