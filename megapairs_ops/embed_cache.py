@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from megapairs_ops.storage import atomic_path, write_json, write_parquet
+from megapairs_ops.storage import atomic_path, sweep_temps, write_json, write_parquet
 
 CACHE_VERSION = "1"
+STALE_TEMP_S = 24 * 3600
 _KEYS_SCHEMA = pa.schema([("key", pa.string())])
 
 
@@ -48,6 +49,9 @@ class EmbeddingCache:
         self.dim = dim
         self.memory_limit = memory_limit
         self.dir.mkdir(parents=True, exist_ok=True)
+        # Temp files of writers killed mid-segment; other runs may be writing right now, so only
+        # those a day old, far beyond any one segment write.
+        sweep_temps(self.dir, min_age_s=STALE_TEMP_S)
         if not (self.dir / "identity.json").is_file():
             write_json(identity, self.dir / "identity.json")
 

@@ -39,7 +39,7 @@ def _connect(cfg: PipelineConfig, layout: RunLayout):
     import duckdb
 
     # A relative temp_directory is inside the run directory.
-    spill = layout.root / (cfg.pairs.temp_directory or "tmp/duckdb")
+    spill = layout.root / cfg.pairs.temp_directory if cfg.pairs.temp_directory else layout.spill_dir("pairs")
     spill.mkdir(parents=True, exist_ok=True)
     settings = {
         "memory_limit": f"{parse_bytes(cfg.pairs.memory_limit)}B",
@@ -100,12 +100,19 @@ def build_pairs(cfg: PipelineConfig, layout: RunLayout) -> dict:
         seconds["write_outputs"] = round(time.perf_counter() - t0, 2)
     finally:
         con.close()
+    near_duplicates, over_cap = int(union_pairs - after_dedup), int(after_dedup - after_cap)
     return {
         "candidate_rows": int(cand_rows),
         "union_pairs": int(union_pairs),
-        "near_duplicates_dropped": int(union_pairs - after_dedup),
-        "over_query_cap_dropped": int(after_dedup - after_cap),
+        "near_duplicates_dropped": near_duplicates,
+        "over_query_cap_dropped": over_cap,
         "short_of_hard_negatives": short,
+        # Every (query, target) the stage did not turn into a pair, by why (the report's funnel).
+        "dropped_by_reason": {
+            "near_duplicate_of_query": near_duplicates,
+            "over_query_cap": over_cap,
+            "insufficient_hard_negatives": short,
+        },
         "pairs": pairs_out,
         "pairs_by_number_of_encoders": by_views,
         "step_seconds": seconds,

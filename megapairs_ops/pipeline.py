@@ -21,10 +21,12 @@ from .config import PipelineConfig, load_config
 from .storage import (
     STAGE_CODE_VERSION,
     RunLayout,
+    clear_dir,
     clear_status,
     is_finished,
     load_status,
     mark_finished,
+    sweep_temps,
     write_json,
 )
 
@@ -45,6 +47,7 @@ class RunContext:
     layout: RunLayout
     run_id: str
     progress: bool = False
+    config_source: str = "<config>"  # the config file, named in error lines
     _corpus_sig: str | None = field(default=None, repr=False)
 
     def corpus_signature(self) -> str:
@@ -68,7 +71,17 @@ def context_from_params(
         layout=layout,
         run_id=run_id or layout.root.name,
         progress=progress,
+        config_source=str(config),
     )
+
+
+def check_before_run(ctx: RunContext, until: str | None = None, stages: Iterable[str] | None = None) -> None:
+    """Environment and endpoint checks of the stages about to run (preflight.py): a ConfigError
+    naming the key, before anything is written to the run directory."""
+    from .preflight import preflight, raise_on_fatal
+
+    names = set(stages) if stages is not None else {stage for stage, _ in planned_stages(ctx.cfg, until)}
+    raise_on_fatal(preflight(ctx.cfg, names), ctx.config_source)
 
 
 def corpus_signature(path: Path) -> str:
@@ -134,7 +147,9 @@ def fingerprint(ctx: RunContext, stage: str, encoder: str | None = None) -> str:
             raise StageNotReady(
                 f"stage '{stage_key(stage, encoder)}' needs '{key}' to finish first in {ctx.layout.root}"
             )
-        upstream.append(status["fingerprint"])
+        # A stage that ran again with the same inputs may have a new result (annotate retrying
+        # failures): its `output_version` makes what follows run again too.
+        upstream.append([status["fingerprint"], status.get("output_version")])
     return ctx.cfg.section_fingerprint(
         stage, STAGE_CODE_VERSION, *_config_parts(ctx, stage, encoder), upstream
     )
@@ -183,9 +198,56 @@ ROW_KEYS = {
 }
 
 
+# Finished stages whose record says a re-run has work left: annotation failures that a new try
+# may fix, under annotate.max_attempts_across_runs.
+_WORK_LEFT = {"annotate": lambda status: bool(status.get("retryable_failures"))}
+
+
+def _finished(ctx: RunContext, stage: str, key: str, fp: str) -> bool:
+    if not is_finished(ctx.layout, key, fp):
+        return False
+    work_left = _WORK_LEFT.get(stage)
+    return not (work_left and work_left(load_status(ctx.layout, key) or {}))
+
+
+def stage_outputs(ctx: RunContext, stage: str, encoder: str | None = None) -> list[Path]:
+    """Every file and folder only this stage writes (within the run directory). When the stage
+    starts, no other writer of them is alive (Airflow runs it after its mapped items), so what
+    interrupted writes left there is swept then."""
+    lay = ctx.layout
+    if stage == "ingest":
+        return [lay.images.parent, lay.quarantine_part("ingest")]
+    if stage == "embed":
+        return [lay.embedding_dir(encoder), lay.root / "embeddings" / "_plan", lay.quarantine_part(f"embed-{encoder}")]
+    if stage == "mine":
+        return [lay.root / "mining" / encoder, lay.candidates(encoder), lay.neighbours(encoder),
+                lay.neighbours(encoder).with_suffix(".json")]
+    if stage == "pairs":
+        return [lay.pairs, lay.failures_part("pairs"), lay.spill_dir("pairs")]
+    if stage == "annotate":
+        return [lay.root / "annotations", lay.annotations, lay.failures_part("annotate")]
+    if stage == "publish":
+        from .publish import run_config_path
+
+        return [lay.triplets_dir, lay.triplets_jsonl, lay.root / "triplets.rejected", lay.quarantine, lay.failures,
+                lay.failures_part("curation"), lay.root / "manifest.json", run_config_path(lay), lay.spill_dir("publish")]
+    raise ValueError(f"unknown stage '{stage}'; stages are {', '.join(STAGES)}")
+
+
+def _sweep(ctx: RunContext, stage: str, encoder: str | None) -> None:
+    removed = sum(sweep_temps(path) for path in stage_outputs(ctx, stage, encoder))
+    spill = ctx.layout.spill_dir(stage)
+    if spill.is_dir() and any(spill.iterdir()):
+        clear_dir(spill)  # spill files of a killed DuckDB
+        removed += 1
+    if removed:
+        log.info("%s: removed %d temp file(s) or folder(s) an interrupted run left", stage_key(stage, encoder), removed)
+
+
 def stage_finished(ctx: RunContext, stage: str, encoder: str | None = None) -> bool:
-    """Whether run_stage would skip the stage: it finished earlier with the same inputs."""
-    return is_finished(ctx.layout, stage_key(stage, encoder), fingerprint(ctx, stage, encoder))
+    """Whether run_stage would skip the stage: it finished earlier with the same inputs and left
+    nothing a re-run could still do."""
+    return _finished(ctx, stage, stage_key(stage, encoder), fingerprint(ctx, stage, encoder))
 
 
 # Work items for an orchestrator that maps a stage's work over tasks (the Airflow DAG): plan, run
@@ -241,7 +303,7 @@ def run_stage(ctx: RunContext, stage: str, encoder: str | None = None, force: bo
         ctx.cfg.encoder(encoder)
     key = stage_key(stage, encoder)
     fp = fingerprint(ctx, stage, encoder)
-    if not force and is_finished(ctx.layout, key, fp):
+    if not force and _finished(ctx, stage, key, fp):
         log.info("%s: finished earlier with the same inputs; skipped", key)
         record = dict(load_status(ctx.layout, key) or {})
         record["skipped"] = True
@@ -258,6 +320,7 @@ def run_stage(ctx: RunContext, stage: str, encoder: str | None = None, force: bo
 def _execute(ctx: RunContext, stage: str, encoder: str | None, key: str, fp: str) -> dict:
     fn = _stage_function(stage)
     log.info("%s: started", key)
+    _sweep(ctx, stage, encoder)
     t0 = time.perf_counter()
     stats = fn(ctx, encoder)
     if stage == "publish":
@@ -353,6 +416,7 @@ def write_run_stats(ctx: RunContext) -> dict:
         "seconds_total": round(sum(s.get("seconds", 0.0) for s in stages.values()), 3),
         "images_in": stages.get("ingest", {}).get("items_seen"),
         "images_usable": stages.get("ingest", {}).get("images"),
+        "pairs_dropped_by_reason": stages.get("pairs", {}).get("dropped_by_reason"),
         "quarantined": publish.get("quarantined"),
         "failed": publish.get("failed"),
         "triplets": publish.get("triplets"),

@@ -71,7 +71,7 @@ def publish_triplets(cfg: PipelineConfig, layout: RunLayout, run_id: str) -> dic
         "annotations": str(layout.annotations),
     }
     rows = parts = 0
-    spill = layout.root / "tmp" / "duckdb"
+    spill = layout.spill_dir("publish")
     spill.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(config={"memory_limit": cfg.pairs.memory_limit, "temp_directory": str(spill)})
     try:

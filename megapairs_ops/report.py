@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from . import report_charts as charts
 from .config import PipelineConfig
 from .sqlfiles import sql
-from .storage import RunLayout, atomic_dir, atomic_path, load_status, read_json, write_json
+from .storage import RunLayout, atomic_dir, atomic_path, clear_dir, load_status, read_json, sweep_temps, write_json
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class _Db:
     def __init__(self, layout: RunLayout, memory_limit: str | None):
         import duckdb
 
-        spill = layout.root / "tmp" / "duckdb"
+        spill = layout.spill_dir("report")
         spill.mkdir(parents=True, exist_ok=True)
         config = {"temp_directory": str(spill)}
         if memory_limit:
@@ -176,7 +176,7 @@ def _combinations(db: _Db, paths: Sequence[Path]) -> list[dict[str, Any]]:
 def _instructions(layout: RunLayout, parts: list[Path], memory_limit: str | None) -> dict[str, Any] | None:
     from .instruction_stats import instruction_stats
 
-    spill = layout.root / "tmp" / "duckdb"
+    spill = layout.spill_dir("report")
     if parts:
         return instruction_stats(parts, "q_text", top=12, spill_dir=spill, memory_limit=memory_limit)
     if layout.annotations.is_file():
@@ -493,9 +493,41 @@ def _funnel_section(cfg: PipelineConfig, layout: RunLayout, fig: dict[str, Any],
     body += ('<div class="grid2"><div><h3>Quarantined inputs by reason</h3>' + problem_table(quarantine, "quarantined inputs")
              + '</div><div><h3>Pairs not published, by reason</h3>' + problem_table(failures, "failed or withheld pairs")
              + "</div></div>")
+    body += ('<div class="grid2"><div><h3>Dropped by the pairs stage</h3>' + _pairs_dropped(pairs_status)
+             + '</div><div><h3>Model answers rejected, by step</h3>' + _rejected_answers(load_status(layout, "annotate"))
+             + "</div></div>")
     intro = ("From every input the corpus offered to every published triplet. Losses are listed by reason; "
              "<code>quarantine.parquet</code> and <code>failures.parquet</code> hold every row.")
     return _section("funnel", "Funnel", body, intro)
+
+
+_DROP_REASONS = {
+    "near_duplicate_of_query": "the target is a perceptual near-duplicate of the query (pairs.near_duplicate_hamming)",
+    "over_query_cap": "beyond the query's pairs.max_pairs_per_query best pairs",
+    "insufficient_hard_negatives": "fewer eligible hard negatives than mining.n_hard_negatives (in failures.parquet)",
+}
+
+
+def _pairs_dropped(pairs_status: dict[str, Any]) -> str:
+    dropped = pairs_status.get("dropped_by_reason")
+    if dropped is None:
+        return _missing("the pairs stage's record")
+    rows = [[f"<code>{escape(k)}</code>", _int(v), f'<span class="dim">{escape(_DROP_REASONS.get(k, ""))}</span>']
+            for k, v in dropped.items()]
+    return _table(["reason", "(query, target)", "why"], rows, numeric=(1,))
+
+
+def _rejected_answers(annotate_status: dict[str, Any] | None) -> str:
+    """Every model answer that failed, by step and reason: a pair is re-sampled after each, so
+    this counts tries, and failures.parquet holds the pairs whose tries ran out."""
+    steps = (annotate_status or {}).get("steps")
+    if not steps:
+        return _missing("the annotate stage's record")
+    rows = [[escape(step), f"<code>{escape(reason)}</code>", _int(n)]
+            for step in ("describe", "instruct") for reason, n in (steps.get(step, {}).get("attempt_failures") or {}).items()]
+    if not rows:
+        return '<p class="dim">Every model answer passed its checks.</p>'
+    return _table(["step", "reason", "tries"], rows, numeric=(2,))
 
 
 def _similarity_section(cfg: PipelineConfig, sims: dict[str, dict[str, Any] | None]) -> str:
@@ -812,6 +844,10 @@ def build_report(cfg: PipelineConfig, layout: RunLayout, previous: RunLayout | N
     if not layout.root.is_dir():
         raise FileNotFoundError(f"run directory {layout.root} does not exist")
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
+    # What a killed report left: its temp files and folders, and DuckDB's spill files.
+    for path in (report_index(layout), thumbs_dir(layout), summary_path(layout), layout.stats):
+        sweep_temps(path)
+    clear_dir(layout.spill_dir("report"))
     if not run_config_path(layout).is_file():  # publish records the run's own; keep that one
         write_run_config(cfg, layout)
     previous = previous if previous is not None else find_previous_run(cfg, layout)

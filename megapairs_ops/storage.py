@@ -74,6 +74,52 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _is_temp(name: str, of: str | None = None) -> bool:
+    """Whether `name` is what an interrupted atomic write leaves: a temp file or folder
+    (".<final>.<random>.tmp") or the old copy of a swapped folder (".<final>.old-<pid>-<ns>")."""
+    if not name.startswith("."):
+        return False
+    if of is not None and not name.startswith(f".{of}."):
+        return False
+    return name.endswith(".tmp") or ".old-" in name
+
+
+def sweep_temps(path: Path, min_age_s: float = 0.0) -> int:
+    """Remove what interrupted writes of `path` left behind: its temp siblings and, for a folder,
+    every temp entry inside it. Call it only where no other process writes `path` (a stage's own
+    outputs when it starts); for a folder other runs share, `min_age_s` spares recent entries.
+    Returns how many entries were removed."""
+    path = Path(path)
+    found: list[Path] = []
+    if path.parent.is_dir():
+        found += [p for p in path.parent.iterdir() if _is_temp(p.name, of=path.name)]
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            temps = [Path(root, n) for n in dirs + files if _is_temp(n)]
+            found += temps
+            dirs[:] = [d for d in dirs if not _is_temp(d)]  # removed whole below
+    now = time.time()
+    removed = 0
+    for entry in found:
+        try:
+            if min_age_s and now - entry.lstat().st_mtime < min_age_s:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def clear_dir(path: Path) -> None:
+    """Empty a scratch folder (DuckDB spill files of a killed process) and recreate it."""
+    shutil.rmtree(path, ignore_errors=True)
+    Path(path).mkdir(parents=True, exist_ok=True)
+
+
 def write_parquet(table: pa.Table, path: Path) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -171,6 +217,10 @@ class RunLayout:
     @property
     def gx_dir(self) -> Path:
         return self.root / "gx"
+
+    def spill_dir(self, stage: str) -> Path:
+        """DuckDB's spill folder of one stage; emptied when the stage starts."""
+        return self.root / "tmp" / stage
 
     def status(self, stage_key: str) -> Path:
         return self.root / "_status" / f"{stage_key}.json"

@@ -82,6 +82,7 @@ def test_union_dedup_negatives_and_failures(tmp_path):
     assert stats == {
         "candidate_rows": 5, "union_pairs": 4, "near_duplicates_dropped": 1, "over_query_cap_dropped": 0,
         "short_of_hard_negatives": 1, "pairs": 2, "pairs_by_number_of_encoders": {1: 2, 2: 1},
+        "dropped_by_reason": {"near_duplicate_of_query": 1, "over_query_cap": 0, "insufficient_hard_negatives": 1},
     }
     failures = pq.read_table(layout.failures_part("pairs")).to_pylist()
     assert [(f["q_id"], f["t_id"], f["reason"]) for f in failures] == [("B", "C", "insufficient_hard_negatives")]

@@ -109,3 +109,146 @@ def test_missing_corpus_is_one_line(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+# -- temp outputs of killed runs ------------------------------------------------------------------
+
+# What interrupted atomic writes leave (storage.atomic_path / atomic_dir), in every place a stage
+# writes, and a DuckDB spill file of a killed process.
+STALE = [
+    "ingest/.images.parquet.k1l2.tmp",
+    "quarantine/.ingest.parquet.x9.tmp",
+    "embeddings/visual_semantic/.vectors.npy.a1b2.tmp",
+    "embeddings/caption/.shard-000001.npz.c3.tmp",
+    "mining/caption/.q000000000000-000000000120.candidates.parquet.ab.tmp",
+    "candidates/.caption.parquet.z1.tmp",
+    "neighbours/.visual_pattern.json.q2.tmp",
+    ".pairs.parquet.p0.tmp",
+    "tmp/pairs/duckdb_temp_storage_DEFAULT-0.tmp",
+    "annotations/records/.0000000001-r-77-000001.parquet.r8.tmp",
+    "failures/.annotate.parquet.w3.tmp",
+    ".triplets.9f8e.tmp/part-00000.parquet",
+    ".triplets.old-4242-1234/part-00000.parquet",
+    ".triplets.jsonl.77.tmp",
+    ".manifest.json.m1.tmp",
+    "reports/.thumbs.5d6e.tmp/0123456789abcdef.jpg",
+    "reports/.index.html.1a.tmp",
+    "reports/.stats.json.s1.tmp",
+]
+
+
+def test_temp_outputs_of_killed_stages_are_swept_when_they_run_again(sample_corpus, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", "--config", DEMO, "--corpus", str(sample_corpus), "--out", str(out)]
+    assert main(args) == 0
+    for rel in STALE:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"half-written")
+    keep = out / "reports" / ".not-a-temp-file"
+    keep.write_text("a curator's note")
+    # Every stage runs again (as it would after a kill), and each sweeps what it owns.
+    assert main([*args, "--force"]) == 0
+    assert [rel for rel in STALE if (out / rel).exists()] == []
+    assert not list(out.glob(".triplets.*")) and not list((out / "reports").glob(".thumbs.*"))
+    assert keep.read_text() == "a curator's note"
+    assert (out / "triplets" / "part-00000.parquet").is_file() and (out / "reports" / "thumbs").is_dir()
+
+
+KILL_IN_THUMBNAILS = """
+import os, signal, sys
+from PIL import Image
+from megapairs_ops.cli import main
+
+save = Image.Image.save
+def save_then_die(self, fp, *args, **kwargs):
+    save(self, fp, *args, **kwargs)
+    if ".thumbs." in str(fp):
+        os.kill(os.getpid(), signal.SIGKILL)
+Image.Image.save = save_then_die
+sys.exit(main(["report", sys.argv[1]]))
+"""
+
+
+def test_a_report_killed_while_writing_thumbnails_leaves_no_temp_behind(sample_corpus, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    assert main(["run", "--config", DEMO, "--corpus", str(sample_corpus), "--out", str(out)]) == 0
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_THUMBNAILS, str(out)], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert list((out / "reports").glob(".thumbs.*.tmp")), "the kill should have left the temp folder"
+    assert main(["report", str(out)]) == 0
+    assert not list((out / "reports").glob(".thumbs.*"))
+    assert list((out / "reports" / "thumbs").glob("*.jpg"))
+
+
+# -- a faulty model endpoint: nothing damaged publishes, a re-run retries the failures ------------
+
+DAMAGE_REASONS = {"truncated", "content_filter", "template_token", "unclosed_json", "meta_language", "unfinished_sentence"}
+
+
+def faulty_endpoint_config(tmp_path, llm_server) -> str:
+    import yaml
+
+    data = yaml.safe_load(Path(DEMO).read_text())
+    step = {"backend": "openai", "model": "fake-mllm", "base_url": llm_server.base_url, "concurrency": 8,
+            "backoff_s": 0.001, "max_backoff_s": 0.01, "image_max_side": 64}
+    data["annotate"].update(describe=step, instruct=dict(step), max_attempts=2, max_attempts_across_runs=4)
+    data["gates"]["failure_rate"] = {"max": 0.5, "severity": "fail"}
+    data["gates"]["instruction_share"] = None  # the loopback server words its instructions alike
+    path = tmp_path / "faulty.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_damaged_answers_never_publish_and_a_rerun_retries_them(sample_corpus, tmp_path, llm_server):
+    from megapairs_ops.annotation.checks import check_annotation, TextRules
+    from megapairs_ops.config import load_config
+    from tests.fixtures.llm_server import DAMAGED_ANSWERS
+
+    config, out = faulty_endpoint_config(tmp_path, llm_server), tmp_path / "run"
+    layout = RunLayout(out)
+    args = ["run", "--config", config, "--corpus", str(sample_corpus), "--out", str(out)]
+    llm_server.reset()
+    llm_server.set_fault_mix({kind: 0.05 for kind in DAMAGED_ANSWERS}, seed=11)
+    assert main(args) == 0
+    assert {r.fault for r in llm_server.chat_requests()} >= set(DAMAGED_ANSWERS)
+
+    cfg = load_config(config)
+    rules = TextRules.from_config(cfg.annotate.checks)
+    first = {r["pair_id"]: r for r in pq.read_table(layout.triplets_dir).to_pylist()}
+    assert first
+    for row in first.values():  # every published text passes every check, and shows no debris
+        assert check_annotation(row["description"], row["q_text"], row["word_num"], cfg.annotate, rules) == ""
+        text = " ".join([row["description"], *row["q_text"]])
+        assert not any(bad in text for bad in ("<|", "{{{", "Image 2", "second picture", '{"'))
+    failures = [r for r in pq.read_table(layout.failures).to_pylist() if r["stage"] == "annotate"]
+    assert failures and {r["reason"] for r in failures} <= DAMAGE_REASONS
+    assert not set(first) & {r["pair_id"] for r in failures}
+    annotate = read_json(layout.status("annotate"))
+    assert set(annotate["steps"]["describe"]["attempt_failures"]) == {"truncated", "content_filter", "template_token"}
+    assert set(annotate["steps"]["instruct"]["attempt_failures"]) == DAMAGE_REASONS
+    assert annotate["retryable_failures"] == len(failures)  # two tries of four spent on each
+    report = (layout.reports_dir / "index.html").read_text()
+    assert "Model answers rejected, by step" in report and "unclosed_json" in report
+
+    # The endpoint is healthy again: a plain re-run asks only about the failed pairs, publishes
+    # them beside the untouched earlier triplets, and records that nothing is left to retry.
+    llm_server.reset()
+    assert main(args) == 0
+    need_describe = sum(r["detail"].startswith("describe:") for r in failures)
+    assert len(llm_server.chat_requests("describe")) == need_describe
+    assert len(llm_server.chat_requests("instruct")) == len(failures)
+    second = {r["pair_id"]: r for r in pq.read_table(layout.triplets_dir).to_pylist()}
+    assert set(second) == set(first) | {r["pair_id"] for r in failures}
+    assert all(second[pid] == row for pid, row in first.items())
+    assert read_json(layout.status("annotate"))["retryable_failures"] == 0
+    assert read_json(out / "manifest.json")["triplets"] == len(second)
+
+    # Nothing left to retry: the next re-run asks nothing and changes nothing.
+    before = _digest(layout)
+    llm_server.reset()
+    assert main(args) == 0
+    assert llm_server.chat_requests() == [] and _digest(layout) == before
