@@ -41,11 +41,11 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megapairs_ops.annotation.backends import DescribeRequest, InstructRequest, run_async  # noqa: E402
-from megapairs_ops.annotation.openai_backend import OpenAIBackend  # noqa: E402
-from megapairs_ops.annotation.checks import check_instructions  # noqa: E402
-from megapairs_ops.annotation.parsing import parse_instructions  # noqa: E402
-from megapairs_ops.annotation.prompts import draw_demos, load_prompt_set  # noqa: E402
+from megapairs_ops.stages.annotate.backends import DescribeRequest, InstructRequest, run_async  # noqa: E402
+from megapairs_ops.stages.annotate.backends.openai_backend import OpenAIBackend  # noqa: E402
+from megapairs_ops.stages.annotate.checks import check_instructions  # noqa: E402
+from megapairs_ops.stages.annotate.parsing import parse_instructions  # noqa: E402
+from megapairs_ops.stages.annotate.prompts import draw_demos, load_prompt_set  # noqa: E402
 from megapairs_ops.config import StepConfig  # noqa: E402
 from tests.fixtures.llm_server import serve_in_process  # noqa: E402
 

@@ -96,8 +96,8 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     from megapairs_ops.config import parse_config
-    from megapairs_ops.embed import embed_corpus
-    from megapairs_ops.encoders import build_encoder
+    from megapairs_ops.stages.embed.work import embed_corpus
+    from megapairs_ops.stages.embed.encoders import build_encoder
     from megapairs_ops.storage import RunLayout
 
     spec = MODELS[args.kind]
@@ -143,7 +143,7 @@ def child(args: argparse.Namespace) -> dict:
     before = forward_rate(args.forward_seconds)
     # Time inside the model during the end-to-end run: the same window as the e2e clock, so the
     # share survives a loaded machine (where rates measured minutes apart do not).
-    from megapairs_ops import embed as embed_module
+    from megapairs_ops.stages.embed import work as embed_module
 
     in_forward = [0.0]
     encode = embed_module._EncoderRun.encode
@@ -185,7 +185,7 @@ def warm_up_pipeline(cfg, encoder, layout) -> None:
 
     import pyarrow.parquet as pq
 
-    from megapairs_ops.embed import embed_corpus
+    from megapairs_ops.stages.embed.work import embed_corpus
     from megapairs_ops.storage import RunLayout
 
     table = pq.read_table(layout.images)

@@ -122,7 +122,7 @@ def write_embeddings(layout: RunLayout, name: str, vectors: np.ndarray) -> None:
 def bench_exact(args) -> dict:
     import faiss
 
-    from megapairs_ops.mine_index import Device, FlatSearcher, VectorFile, choose_index
+    from megapairs_ops.stages.mine.index import Device, FlatSearcher, VectorFile, choose_index
 
     n, dim, nq, k = args.exact_n, args.dim, args.exact_queries, args.k
     rng = np.random.default_rng(0)
@@ -177,7 +177,7 @@ def bench_exact(args) -> dict:
 
 
 def bench_approx(args) -> dict:
-    from megapairs_ops.mine_index import (Device, IvfSearcher, VectorFile, _CpuFlat, choose_index, drop_self,
+    from megapairs_ops.stages.mine.index import (Device, IvfSearcher, VectorFile, _CpuFlat, choose_index, drop_self,
                                           ensure_ivf, recall_at_k)
 
     n, dim, k, nq = args.approx_n, args.dim, args.k, args.approx_queries
@@ -243,7 +243,7 @@ def bench_approx(args) -> dict:
 
 
 def bench_mine_rss(args) -> dict:
-    from megapairs_ops.mine_index import ID_BYTES, SCRATCH_BYTES, tile_bytes
+    from megapairs_ops.stages.mine.index import ID_BYTES, SCRATCH_BYTES, tile_bytes
 
     n, dim = args.rss_n, args.dim
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -266,7 +266,7 @@ def bench_mine_rss(args) -> dict:
 def mine_child(run_dir: str, budget: int, k: int) -> None:
     import faiss  # noqa: F401  (libraries are the process's baseline, not mining data)
 
-    from megapairs_ops.mine import mine_candidates
+    from megapairs_ops.stages.mine.work import mine_candidates
 
     base, anon_base = peak_rss_mb(), AnonPeak.now_mb()
     cfg = parse_config({"encoders": [{"name": "e", "kind": "classic_texture", "band": [0.5, 0.96]}],
@@ -370,7 +370,7 @@ def bench_pairs(args) -> dict:
 def pairs_child(run_dir: str, memory_limit: str, threads: int) -> None:
     import duckdb
 
-    from megapairs_ops.pairs import build_pairs
+    from megapairs_ops.stages.pairs import build_pairs
 
     layout = RunLayout(Path(run_dir))
     cfg = pairs_config(memory_limit, threads or None)

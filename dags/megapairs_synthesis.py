@@ -61,10 +61,10 @@ def _fail_without_retry_on_bad_input():
     """Retrying cannot fix a bad config, an unusable corpus, rejected credentials or data that
     fails its gate."""
     from airflow.sdk.exceptions import AirflowFailException
-    from megapairs_ops.annotation.backends import BackendError
+    from megapairs_ops.stages.annotate.backends import BackendError
     from megapairs_ops.config import ConfigError
-    from megapairs_ops.ingest import IngestError
-    from megapairs_ops.validate import ValidationFailed
+    from megapairs_ops.stages.ingest.core import IngestError
+    from megapairs_ops.quality.gates import ValidationFailed
 
     try:
         yield
@@ -100,7 +100,7 @@ def _plan(stage: str, device: str | None = None) -> list[dict]:
 
 
 def _embed_shards(item: dict) -> dict:
-    from megapairs_ops.embed import run_embed_work
+    from megapairs_ops.stages.embed.work import run_embed_work
 
     with _fail_without_retry_on_bad_input():
         ctx = _ctx()
@@ -191,7 +191,7 @@ def megapairs_synthesis():
 
     @task(map_index_template="{{ task.op_kwargs['item']['encoder'] }}@{{ task.op_kwargs['item']['query_start'] }}")
     def mine_shard(item: dict) -> None:
-        from megapairs_ops.mine import run_mining_work
+        from megapairs_ops.stages.mine.work import run_mining_work
 
         ctx = _ctx()
         run_mining_work(ctx.cfg, ctx.layout, item)  # atomic per shard; a retry skips finished ones
@@ -216,7 +216,7 @@ def megapairs_synthesis():
 
     @task(pool=SETTINGS.llm_pool, map_index_template="{{ task.op_kwargs['item']['first'] }}-{{ task.op_kwargs['item']['last'] }}")
     def annotate_pairs(item: dict) -> dict:
-        from megapairs_ops.catalogue import run_annotate_item
+        from megapairs_ops.stages.publish.catalogue import run_annotate_item
 
         with _fail_without_retry_on_bad_input():
             ctx = _ctx()

@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
-from .preflight import preflight, raise_on_fatal
+from megapairs_ops.config import ConfigError, load_config
+from megapairs_ops.preflight import preflight, raise_on_fatal
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from . import pipeline
+    from megapairs_ops import pipeline
 
     if args.command == "sample-corpus":
-        from .sample_corpus import generate_sample_corpus
+        from megapairs_ops.sample_corpus import generate_sample_corpus
 
         stats = generate_sample_corpus(Path(args.dir), n=args.n, seed=args.seed)
         print(json.dumps(stats, default=str))
@@ -98,8 +98,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "airflow-pools":
         return _airflow_pools(load_config(args.config))
     if args.command == "report":
-        from .report import build_report, load_run_config
-        from .storage import RunLayout
+        from megapairs_ops.report.build import build_report, load_run_config
+        from megapairs_ops.storage import RunLayout
 
         layout = RunLayout(Path(args.run_dir))
         cfg = load_config(args.config) if args.config else load_run_config(layout)
@@ -132,7 +132,7 @@ def _airflow_pools(cfg) -> int:
     import shutil
     import subprocess
 
-    from .deployment import pool_specs
+    from megapairs_ops.deployment import pool_specs
 
     airflow = shutil.which("airflow") or str(Path(sys.executable).with_name("airflow"))
     for name, slots, description in pool_specs(cfg.resources):
@@ -142,8 +142,8 @@ def _airflow_pools(cfg) -> int:
 
 
 def _summary(run_dir: Path) -> int:
-    from .storage import RunLayout, read_json
-    from .pipeline import output_locations
+    from megapairs_ops.storage import RunLayout, read_json
+    from megapairs_ops.pipeline import output_locations
 
     layout = RunLayout(run_dir)
     if not layout.stats.is_file():

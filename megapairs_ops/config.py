@@ -446,7 +446,7 @@ class AnnotateConfig(_Strict):
     @classmethod
     def _prompt_set_exists(cls, version: str) -> str:
         # Prompt sets ship inside the package, so every worker can check this one up front.
-        from .annotation.prompts import PromptError, load_prompt_set
+        from megapairs_ops.stages.annotate.prompts import PromptError, load_prompt_set
 
         try:
             load_prompt_set(version)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import PipelineConfig, load_config
-from .storage import (
+from megapairs_ops.config import PipelineConfig, load_config
+from megapairs_ops.storage import (
     STAGE_CODE_VERSION,
     RunLayout,
     clear_dir,
@@ -78,7 +78,7 @@ def context_from_params(
 def check_before_run(ctx: RunContext, until: str | None = None, stages: Iterable[str] | None = None) -> None:
     """Environment and endpoint checks of the stages about to run (preflight.py): a ConfigError
     naming the key, before anything is written to the run directory."""
-    from .preflight import preflight, raise_on_fatal
+    from megapairs_ops.preflight import preflight, raise_on_fatal
 
     names = set(stages) if stages is not None else {stage for stage, _ in planned_stages(ctx.cfg, until)}
     raise_on_fatal(preflight(ctx.cfg, names), ctx.config_source)
@@ -132,7 +132,7 @@ def _config_parts(ctx: RunContext, stage: str, encoder: str | None) -> list[Any]
     if stage == "annotate":
         return [cfg.annotate, cfg.seed]
     if stage == "publish":
-        from .curation import rejects_fingerprint
+        from megapairs_ops.stages.publish.curation import rejects_fingerprint
 
         # Editing the curators' rejects file or a gate threshold re-publishes.
         return [cfg.publish, cfg.validation, cfg.gates, rejects_fingerprint(cfg)]
@@ -158,27 +158,27 @@ def fingerprint(ctx: RunContext, stage: str, encoder: str | None = None) -> str:
 def _stage_function(stage: str) -> Callable[[RunContext, str | None], dict]:
     # Imported lazily: each stage module pulls in its own heavy dependencies.
     if stage == "ingest":
-        from .ingest import ingest_corpus
+        from megapairs_ops.stages.ingest.core import ingest_corpus
 
         return lambda ctx, enc: ingest_corpus(ctx.cfg, ctx.corpus, ctx.layout, progress=ctx.progress)
     if stage == "embed":
-        from .embed import embed_corpus
+        from megapairs_ops.stages.embed.work import embed_corpus
 
         return lambda ctx, enc: embed_corpus(ctx.cfg, enc, ctx.layout, progress=ctx.progress)
     if stage == "mine":
-        from .mine import mine_candidates
+        from megapairs_ops.stages.mine.work import mine_candidates
 
         return lambda ctx, enc: mine_candidates(ctx.cfg, enc, ctx.layout)
     if stage == "pairs":
-        from .pairs import build_pairs
+        from megapairs_ops.stages.pairs import build_pairs
 
         return lambda ctx, enc: build_pairs(ctx.cfg, ctx.layout)
     if stage == "annotate":
-        from .catalogue import annotate_with_reuse
+        from megapairs_ops.stages.publish.catalogue import annotate_with_reuse
 
         return lambda ctx, enc: annotate_with_reuse(ctx.cfg, ctx.layout, ctx.run_id, progress=ctx.progress)
     if stage == "publish":
-        from .publish import publish_triplets
+        from megapairs_ops.stages.publish.triplets import publish_triplets
 
         return lambda ctx, enc: publish_triplets(ctx.cfg, ctx.layout, ctx.run_id)
     raise ValueError(f"unknown stage '{stage}'; stages are {', '.join(STAGES)}")
@@ -227,7 +227,7 @@ def stage_outputs(ctx: RunContext, stage: str, encoder: str | None = None) -> li
     if stage == "annotate":
         return [lay.root / "annotations", lay.annotations, lay.failures_part("annotate")]
     if stage == "publish":
-        from .publish import run_config_path
+        from megapairs_ops.stages.publish.triplets import run_config_path
 
         return [lay.triplets_dir, lay.triplets_jsonl, lay.root / "triplets.rejected", lay.quarantine, lay.failures,
                 lay.failures_part("curation"), lay.root / "manifest.json", run_config_path(lay), lay.spill_dir("publish")]
@@ -264,7 +264,7 @@ def plan_embed_stage(ctx: RunContext, device: str | None = None) -> list[dict]:
     names = [e.name for e in ctx.cfg.encoders if not stage_finished(ctx, "embed", e.name)]
     if not names:
         return []
-    from .embed import plan_embed_work
+    from megapairs_ops.stages.embed.work import plan_embed_work
 
     items = plan_embed_work(ctx.cfg, ctx.layout, names)
     return [item for item in items if device is None or item["device"] == device]
@@ -273,7 +273,7 @@ def plan_embed_stage(ctx: RunContext, device: str | None = None) -> list[dict]:
 def plan_mine_stage(ctx: RunContext, encoders: Iterable[str]) -> list[dict]:
     """Mining work items (mine.plan_mining_work: query ranges) of the named encoders whose mine
     stage is not finished. Run them with mine.run_mining_work, then run_stage('mine', encoder)."""
-    from .mine import plan_mining_work
+    from megapairs_ops.stages.mine.work import plan_mining_work
 
     return [
         item
@@ -289,7 +289,7 @@ def plan_annotate_stage(ctx: RunContext) -> list[dict]:
     run_stage('annotate') merges and finalizes without asking a model again."""
     if stage_finished(ctx, "annotate"):
         return []
-    from .catalogue import plan_annotate_with_reuse
+    from megapairs_ops.stages.publish.catalogue import plan_annotate_with_reuse
 
     return plan_annotate_with_reuse(ctx.cfg, ctx.layout)
 
@@ -328,7 +328,7 @@ def _execute(ctx: RunContext, stage: str, encoder: str | None, key: str, fp: str
         stats.setdefault("annotated", annotate_status.get("accepted", 0))
     gate = GATES.get(stage)
     if gate and ctx.cfg.validation.enabled:
-        from .validate import validate_stage
+        from megapairs_ops.quality.gates import validate_stage
 
         try:
             result = validate_stage(gate, ctx.cfg, ctx.layout, encoder=encoder)
@@ -339,7 +339,7 @@ def _execute(ctx: RunContext, stage: str, encoder: str | None, key: str, fp: str
         keep = ("suite", "success", "evaluated", "warnings", "gates")
         stats["validation"] = {k: result[k] for k in keep if k in result}
     if stage == "publish":
-        from .catalogue import record_version
+        from megapairs_ops.stages.publish.catalogue import record_version
 
         # Only a publication that passed its gate becomes a dataset version.
         manifest = record_version(ctx.cfg, ctx.layout, ctx.run_id)
@@ -391,7 +391,7 @@ def run_pipeline(ctx: RunContext, until: str | None = None, force: bool = False)
 def build_run_report(ctx: RunContext) -> dict | None:
     """The curator report is cheap and always rebuilt; a failure to build it never hides the
     outcome of the run itself."""
-    from .report import build_report
+    from megapairs_ops.report.build import build_report
 
     if not ctx.layout.images.is_file():
         return None

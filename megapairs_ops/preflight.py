@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable
 
-from .config import ConfigError, PipelineConfig, StepConfig
+from megapairs_ops.config import ConfigError, PipelineConfig, StepConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class _Probe:
 
 
 def _openai_step(key: str, step: StepConfig, probed: dict[tuple[str, str | None], _Probe]) -> list[Finding]:
-    from .annotation.openai_backend import EndpointConfigError, resolve_endpoint
+    from megapairs_ops.stages.annotate.backends.openai_backend import EndpointConfigError, resolve_endpoint
 
     try:
         endpoint = resolve_endpoint(step)

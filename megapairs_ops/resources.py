@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import PipelineConfig
+from megapairs_ops.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ STAGE_RESOURCES = {
 
 def stage_resources(cfg: PipelineConfig, stage: str, encoder: str | None = None) -> StageResources:
     if stage == "embed":
-        from .encoders import encoder_resources
+        from megapairs_ops.stages.embed.encoders import encoder_resources
 
         needs = encoder_resources(cfg.encoder(encoder).kind) if encoder else None
         return StageResources(device="gpu", pool_key="gpu") if needs and needs.device != "cpu" else CPU

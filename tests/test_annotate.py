@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from megapairs_ops.annotate import (
+from megapairs_ops.stages.annotate.work import (
     ANNOTATION_OUTPUT_SCHEMA,
     ANNOTATION_SCHEMA,
     annotate_pairs,
@@ -22,10 +22,10 @@ from megapairs_ops.annotate import (
     plan_annotate_work,
     run_annotate_work,
 )
-from megapairs_ops.annotation.records import RecordStore
-from megapairs_ops.annotation.backends import Backend
-from megapairs_ops.annotation.checks import check_instructions
-from megapairs_ops.annotation.template import TemplateBackend
+from megapairs_ops.stages.annotate.records import RecordStore
+from megapairs_ops.stages.annotate.backends import Backend
+from megapairs_ops.stages.annotate.checks import check_instructions
+from megapairs_ops.stages.annotate.backends.template import TemplateBackend
 from megapairs_ops.config import ConfigError, parse_config
 from megapairs_ops.storage import FAILURE_SCHEMA, RunLayout
 
@@ -427,8 +427,8 @@ def test_failures_are_retried_across_runs_up_to_the_cap(tmp_path, llm_server):
 
 KILLER = """
 import json, os, signal, sys
-from megapairs_ops.annotation import records
-from megapairs_ops.annotate import annotate_pairs
+from megapairs_ops.stages.annotate import records
+from megapairs_ops.stages.annotate.work import annotate_pairs
 from megapairs_ops.config import ConfigError, parse_config
 from megapairs_ops.storage import RunLayout
 

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megapairs_ops.annotation.backends import DescribeRequest, InstructRequest, make_backend
-from megapairs_ops.annotation.checks import check_description, check_instructions
-from megapairs_ops.annotation.parsing import parse_instructions
-from megapairs_ops.annotation.template import MODEL_NAME, TemplateBackend
+from megapairs_ops.stages.annotate.backends import DescribeRequest, InstructRequest, make_backend
+from megapairs_ops.stages.annotate.checks import check_description, check_instructions
+from megapairs_ops.stages.annotate.parsing import parse_instructions
+from megapairs_ops.stages.annotate.backends.template import MODEL_NAME, TemplateBackend
 from megapairs_ops.config import StepConfig
 
 Q_CAPTION = "A brown dog running on a sandy beach at sunset"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from megapairs_ops.annotation.checks import (
+from megapairs_ops.stages.annotate.checks import (
     DEFAULT_RULES,
     TextRules,
     check_answer,
@@ -12,7 +12,7 @@ from megapairs_ops.annotation.checks import (
     is_refusal,
     word_count,
 )
-from megapairs_ops.annotation.parsing import parse_instructions
+from megapairs_ops.stages.annotate.parsing import parse_instructions
 from megapairs_ops.config import OutputChecksConfig, parse_config
 from tests.test_annotation_parsing import DESCRIPTION, GOOD
 WORDS_80 = " ".join(["word"] * 79) + " end."

@@ -7,10 +7,10 @@ import socket
 
 import pytest
 
-from megapairs_ops.annotation.backends import BackendError, EndpointUnavailable, make_backend
-from megapairs_ops.annotation.openai_backend import OpenAIBackend, resolve_endpoint, retry_after_seconds
-from megapairs_ops.annotation.checks import check_description, check_instructions
-from megapairs_ops.annotation.parsing import parse_instructions
+from megapairs_ops.stages.annotate.backends import BackendError, EndpointUnavailable, make_backend
+from megapairs_ops.stages.annotate.backends.openai_backend import OpenAIBackend, resolve_endpoint, retry_after_seconds
+from megapairs_ops.stages.annotate.checks import check_description, check_instructions
+from megapairs_ops.stages.annotate.parsing import parse_instructions
 from megapairs_ops.config import StepConfig
 from tests.fixtures.llm_server import REFUSAL_TEXT, fake_instructions
 from tests.test_annotation_backends import describe_request, instruct_request, pair_images  # noqa: F401

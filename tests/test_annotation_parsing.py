@@ -3,9 +3,9 @@ import shutil
 
 import pytest
 
-from megapairs_ops.annotation.checks import check_description, check_instructions, word_count
-from megapairs_ops.annotation.parsing import normalise, parse_instructions
-from megapairs_ops.annotation.prompts import (
+from megapairs_ops.stages.annotate.checks import check_description, check_instructions, word_count
+from megapairs_ops.stages.annotate.parsing import normalise, parse_instructions
+from megapairs_ops.stages.annotate.prompts import (
     POOL_SIZE,
     PROMPTS_ROOT,
     PromptError,

@@ -11,9 +11,9 @@ import types
 
 import pytest
 
-from megapairs_ops.annotation.backends import BackendError, make_backend
-from megapairs_ops.annotation.parsing import instructions_schema
-from megapairs_ops.annotation.vllm_backend import describe_messages, engine_kwargs, sampling_kwargs
+from megapairs_ops.stages.annotate.backends import BackendError, make_backend
+from megapairs_ops.stages.annotate.parsing import instructions_schema
+from megapairs_ops.stages.annotate.backends.vllm_backend import describe_messages, engine_kwargs, sampling_kwargs
 from megapairs_ops.config import ConfigError, StepConfig, parse_config
 from tests.test_annotation_backends import describe_request, instruct_request, pair_images  # noqa: F401
 

@@ -3,8 +3,8 @@
 import pyarrow.parquet as pq
 import pytest
 
-from megapairs_ops.annotate import ANNOTATION_SCHEMA
-from megapairs_ops.catalogue import catalogue_path, open_catalogue, reusable_annotations
+from megapairs_ops.stages.annotate.work import ANNOTATION_SCHEMA
+from megapairs_ops.stages.publish.catalogue import catalogue_path, open_catalogue, reusable_annotations
 from megapairs_ops.cli import main
 from megapairs_ops.config import load_config
 from megapairs_ops.storage import RunLayout, read_json

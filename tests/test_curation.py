@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from megapairs_ops.config import ConfigError, parse_config
-from megapairs_ops.curation import CurationError, load_rejects, rejects_fingerprint
-from megapairs_ops.pairs import PAIRS_SCHEMA
-from megapairs_ops.publish import publish_triplets, run_config_path
+from megapairs_ops.stages.publish.curation import CurationError, load_rejects, rejects_fingerprint
+from megapairs_ops.stages.pairs import PAIRS_SCHEMA
+from megapairs_ops.stages.publish.triplets import publish_triplets, run_config_path
 from megapairs_ops.storage import FAILURE_SCHEMA, RunLayout, read_json, write_problem_rows
 
 IDS = [f"{i:016x}" for i in range(14)]

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from megapairs_ops import embed as embed_module
+from megapairs_ops.stages.embed import work as embed_module
 from megapairs_ops import media
 from megapairs_ops.config import ConfigError, parse_config
-from megapairs_ops.embed import (
+from megapairs_ops.stages.embed.work import (
     cache_root,
     embed_corpus,
     embed_corpus_multi,
@@ -30,7 +30,7 @@ from megapairs_ops.embed import (
     plan_embed_work,
     run_embed_work,
 )
-from megapairs_ops.encoders import EncodeInputError, build_encoder
+from megapairs_ops.stages.embed.encoders import EncodeInputError, build_encoder
 from megapairs_ops.storage import RunLayout, write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,7 +321,7 @@ def test_killed_subprocess_resumes_at_the_first_unfinished_shard(tmp_path, tiny_
     script = textwrap.dedent(f"""
         import json
         from megapairs_ops.config import parse_config
-        from megapairs_ops.embed import embed_corpus_multi
+        from megapairs_ops.stages.embed.work import embed_corpus_multi
         from megapairs_ops.storage import RunLayout
         embed_corpus_multi(parse_config(json.loads({json.dumps(json.dumps(data))})), ["clip", "color"],
                            RunLayout({str(layout.root)!r}))
@@ -517,7 +517,7 @@ def _folder_corpus(root: Path, pictures: range) -> Path:
 def test_grown_corpus_embeds_only_the_new_images(tmp_path, tiny_clip_dir):
     """Second run (a new run directory under the same output root) over the corpus plus 10% new
     images: the cache serves the old images, only the new ones go through the model."""
-    from megapairs_ops.ingest import ingest_corpus
+    from megapairs_ops.stages.ingest.core import ingest_corpus
 
     cfg = config({"name": "clip", "kind": "clip_image", "model": str(tiny_clip_dir)}, CAPTION, shard_size=7)
     corpus = _folder_corpus(tmp_path / "corpus", range(20))

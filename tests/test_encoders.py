@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from megapairs_ops.config import ENCODER_KINDS, EncoderConfig
-from megapairs_ops.encoders import (
+from megapairs_ops.stages.embed.encoders import (
     EncodeInputError,
     EncoderLoadError,
     Resources,
@@ -95,7 +95,7 @@ def test_text_hash_is_stable_across_processes():
     """Python's hash() is salted per process; the text view must not depend on it."""
     code = (
         "import json; from megapairs_ops.config import EncoderConfig; "
-        "from megapairs_ops.encoders import build_encoder; "
+        "from megapairs_ops.stages.embed.encoders import build_encoder; "
         "e = build_encoder(EncoderConfig(name='t', kind='classic_text_hash', dim=64)); "
         "print(json.dumps(e.encode_texts(['a red circle on a blue sky'])[0].tolist()))"
     )
@@ -384,7 +384,7 @@ def odd_images() -> list[Image.Image]:
 def test_pixel_recipe_reproduces_the_pil_processor(fixture, request):
     from transformers import AutoImageProcessor
 
-    from megapairs_ops.encoders.pixels import PixelRecipe, recipe_from_hf_processor
+    from megapairs_ops.stages.embed.encoders.pixels import PixelRecipe, recipe_from_hf_processor
 
     processor = AutoImageProcessor.from_pretrained(request.getfixturevalue(fixture), backend="pil")
     recipe = recipe_from_hf_processor(processor, None)
@@ -457,7 +457,7 @@ def test_image_size_resizes_input_and_position_embeddings(kind, fixture, request
 def test_open_clip_recipe_follows_its_preprocess_cfg():
     from types import SimpleNamespace
 
-    from megapairs_ops.encoders.pixels import recipe_from_open_clip
+    from megapairs_ops.stages.embed.encoders.pixels import recipe_from_open_clip
 
     base = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
     shortest = recipe_from_open_clip(SimpleNamespace(size=224, resize_mode="shortest", **base), None)

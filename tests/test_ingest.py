@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from megapairs_ops import ingest as ingest_mod
+from megapairs_ops.stages.ingest import core as ingest_mod
 from megapairs_ops.config import parse_config
-from megapairs_ops.ingest import IMAGES_SCHEMA, QUARANTINE_REASONS, IngestError, ingest_corpus
+from megapairs_ops.stages.ingest.core import IMAGES_SCHEMA, QUARANTINE_REASONS, IngestError, ingest_corpus
 from megapairs_ops.media import load_rgb, phash64, read_image_bytes
 from megapairs_ops.storage import QUARANTINE_SCHEMA, RunLayout
 

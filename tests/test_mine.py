@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from megapairs_ops.config import ConfigError, parse_config
-from megapairs_ops.mine import (
+from megapairs_ops.stages.mine.work import (
     finalize_mining,
     mine_candidates,
     plan_mining_work,
     run_mining_work,
 )
-from megapairs_ops.mine_index import (
+from megapairs_ops.stages.mine.index import (
     Device,
     FlatSearcher,
     MiningResourceError,
@@ -304,7 +304,7 @@ def test_killed_mining_resumes_without_redoing_finished_items(tmp_path):
     # The child dies by SIGKILL right after its second work item is recorded as done.
     script = textwrap.dedent(f"""
         import os, signal
-        from megapairs_ops import mine
+        from megapairs_ops.stages.mine import work as mine
         from megapairs_ops.config import parse_config
         from megapairs_ops.storage import RunLayout
         done = []

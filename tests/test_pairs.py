@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megapairs_ops.config import ConfigError, parse_config
-from megapairs_ops.pairs import build_pairs
+from megapairs_ops.stages.pairs import build_pairs
 from megapairs_ops.storage import RunLayout
 
 # Far-apart perceptual hashes, except D which is A with one bit flipped (the same picture).

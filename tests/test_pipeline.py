@@ -204,7 +204,7 @@ def faulty_endpoint_config(tmp_path, llm_server) -> str:
 
 
 def test_damaged_answers_never_publish_and_a_rerun_retries_them(sample_corpus, tmp_path, llm_server):
-    from megapairs_ops.annotation.checks import check_annotation, TextRules
+    from megapairs_ops.stages.annotate.checks import check_annotation, TextRules
     from megapairs_ops.config import load_config
     from tests.fixtures.llm_server import DAMAGED_ANSWERS
 

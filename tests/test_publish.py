@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from megapairs_ops.config import parse_config
-from megapairs_ops.pairs import PAIRS_SCHEMA
-from megapairs_ops.publish import TRIPLET_SCHEMA, publish_triplets, run_config_path
+from megapairs_ops.stages.pairs import PAIRS_SCHEMA
+from megapairs_ops.stages.publish.triplets import TRIPLET_SCHEMA, publish_triplets, run_config_path
 from megapairs_ops.storage import FAILURE_SCHEMA, QUARANTINE_SCHEMA, RunLayout, read_json, write_problem_rows
 
 IDS = [f"{i:016x}" for i in range(8)]

@@ -18,9 +18,9 @@ import yaml
 from megapairs_ops import pipeline
 from megapairs_ops.cli import main
 from megapairs_ops.config import load_config
-from megapairs_ops.report import build_report, find_previous_run, summary_path
+from megapairs_ops.report.build import build_report, find_previous_run, summary_path
 from megapairs_ops.storage import RunLayout, load_status, read_json, write_json, write_parquet
-from megapairs_ops.validate import ValidationFailed, load_gate_results
+from megapairs_ops.quality.gates import ValidationFailed, load_gate_results
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"

@@ -27,7 +27,7 @@ import yaml
 
 from megapairs_ops.cli import main
 from megapairs_ops.config import load_config
-from megapairs_ops.report import build_report
+from megapairs_ops.report.build import build_report
 from megapairs_ops.storage import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,12 +5,12 @@ stage), and the finalizing call must neither load an encoder nor ask a model."""
 import pyarrow.parquet as pq
 import pytest
 
-from megapairs_ops import annotate as annotate_module
-from megapairs_ops import embed as embed_module
-from megapairs_ops.catalogue import catalogue_path, open_catalogue, run_annotate_item
+from megapairs_ops.stages.annotate import work as annotate_module
+from megapairs_ops.stages.embed import work as embed_module
+from megapairs_ops.stages.publish.catalogue import catalogue_path, open_catalogue, run_annotate_item
 from megapairs_ops.cli import main
-from megapairs_ops.embed import run_embed_work
-from megapairs_ops.mine import run_mining_work
+from megapairs_ops.stages.embed.work import run_embed_work
+from megapairs_ops.stages.mine.work import run_mining_work
 from megapairs_ops.pipeline import (
     context_from_params,
     plan_annotate_stage,

@@ -17,7 +17,7 @@ import pytest
 
 from megapairs_ops.config import ConfigError, parse_config
 from megapairs_ops.storage import RunLayout, write_parquet
-from megapairs_ops.validate import (
+from megapairs_ops.quality.gates import (
     CANDIDATES_SCHEMA,
     IMAGES_SCHEMA,
     PAIRS_SCHEMA,
@@ -396,7 +396,7 @@ def test_missing_artifact_is_reported_not_validated(cfg, layout):
 
 
 def test_importing_the_module_stays_light():
-    code = ("import sys, megapairs_ops.validate; "
+    code = ("import sys, megapairs_ops.quality.gates; "
             "print(sorted(m for m in ('great_expectations', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
