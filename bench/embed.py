@@ -65,7 +65,9 @@ def write_corpus(root: Path, n: int, size: tuple[int, int]) -> Path:
     """n distinct JPEGs (gradients, blocks, grain: photo-like entropy) and images.parquet."""
     from PIL import Image
 
-    from megapairs_ops.storage import RunLayout, write_parquet
+    from megapairs_ops.layout import RunLayout
+
+    from megapairs_ops.storage import write_parquet
 
     files = root / "files"
     files.mkdir(parents=True, exist_ok=True)
@@ -96,9 +98,9 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     from megapairs_ops.config import parse_config
-    from megapairs_ops.stages.embed.work import embed_corpus
+    from megapairs_ops.stages.embed import embed_corpus
     from megapairs_ops.stages.embed.encoders import build_encoder
-    from megapairs_ops.storage import RunLayout
+    from megapairs_ops.layout import RunLayout
 
     spec = MODELS[args.kind]
     cfg = parse_config({
@@ -143,10 +145,10 @@ def child(args: argparse.Namespace) -> dict:
     before = forward_rate(args.forward_seconds)
     # Time inside the model during the end-to-end run: the same window as the e2e clock, so the
     # share survives a loaded machine (where rates measured minutes apart do not).
-    from megapairs_ops.stages.embed import work as embed_module
+    from megapairs_ops.stages.embed import shards as embed_shards
 
     in_forward = [0.0]
-    encode = embed_module._EncoderRun.encode
+    encode = embed_shards.EncoderRun.encode
 
     def timed_encode(self, batch):
         t0 = time.perf_counter()
@@ -157,11 +159,11 @@ def child(args: argparse.Namespace) -> dict:
                 torch.cuda.synchronize()
             in_forward[0] += time.perf_counter() - t0
 
-    embed_module._EncoderRun.encode = timed_encode
+    embed_shards.EncoderRun.encode = timed_encode
     start = time.perf_counter()
     stats = embed_corpus(cfg, "vit", layout, encoders={"vit": encoder})
     e2e_seconds = time.perf_counter() - start
-    embed_module._EncoderRun.encode = encode
+    embed_shards.EncoderRun.encode = encode
     after = forward_rate(args.forward_seconds)
     forward = (before + after) / 2
     e2e = stats["embedded"] / e2e_seconds
@@ -185,8 +187,8 @@ def warm_up_pipeline(cfg, encoder, layout) -> None:
 
     import pyarrow.parquet as pq
 
-    from megapairs_ops.stages.embed.work import embed_corpus
-    from megapairs_ops.storage import RunLayout
+    from megapairs_ops.stages.embed import embed_corpus
+    from megapairs_ops.layout import RunLayout
 
     table = pq.read_table(layout.images)
     warm = RunLayout(layout.root.with_name(layout.root.name + "-warm-up"))

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from megapairs_ops.config import parse_config  # noqa: E402
-from megapairs_ops.storage import RunLayout  # noqa: E402
+from megapairs_ops.layout import RunLayout  # noqa: E402
 
 HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
@@ -122,7 +122,8 @@ def write_embeddings(layout: RunLayout, name: str, vectors: np.ndarray) -> None:
 def bench_exact(args) -> dict:
     import faiss
 
-    from megapairs_ops.stages.mine.index import Device, FlatSearcher, VectorFile, choose_index
+    from megapairs_ops.stages.mine.flat import FlatSearcher
+    from megapairs_ops.stages.mine.index import Device, VectorFile, choose_index
 
     n, dim, nq, k = args.exact_n, args.dim, args.exact_queries, args.k
     rng = np.random.default_rng(0)
@@ -177,8 +178,9 @@ def bench_exact(args) -> dict:
 
 
 def bench_approx(args) -> dict:
-    from megapairs_ops.stages.mine.index import (Device, IvfSearcher, VectorFile, _CpuFlat, choose_index, drop_self,
-                                          ensure_ivf, recall_at_k)
+    from megapairs_ops.stages.mine.flat import CpuFlat
+    from megapairs_ops.stages.mine.index import Device, VectorFile, choose_index
+    from megapairs_ops.stages.mine.ivf import IvfSearcher, drop_self, ensure_ivf, recall_at_k
 
     n, dim, k, nq = args.approx_n, args.dim, args.k, args.approx_queries
     t0 = time.perf_counter()
@@ -192,7 +194,7 @@ def bench_approx(args) -> dict:
         np.save(path, data)
         vectors = VectorFile(path)
         log(f"approx: {n} x {dim} written; exact search of {nq} queries is the baseline")
-        exact_search = _CpuFlat(data, 8 * 2**30)
+        exact_search = CpuFlat(data, 8 * 2**30)
         sims, idx = exact_search.search(queries, k + 1)
         truth = drop_self(idx, rows, k)
         exact_times: list[float] = []
@@ -338,8 +340,8 @@ def pairs_config(memory_limit: str, threads: int | None):
     return parse_config({
         "encoders": [{"name": e, "kind": "classic_texture", "band": [0.8, 0.96]} for e in ENCODERS],
         "mining": {"k": 32, "max_targets_per_query": 3, "n_hard_negatives": 5},
-        "pairs": {"max_pairs_per_query": 3, "near_duplicate_hamming": 6, "memory_limit": memory_limit,
-                  **({"threads": threads} if threads else {})},
+        "pairs": {"max_pairs_per_query": 3, "near_duplicate_hamming": 6},
+        "duckdb": {"memory_limit": memory_limit, **({"threads": threads} if threads else {})},
     })
 
 
@@ -358,7 +360,6 @@ def bench_pairs(args) -> dict:
         if child.returncode:
             raise RuntimeError(f"pairs child failed: {child.stderr[-3000:]}")
         result = json.loads(child.stdout)
-        spill = layout.root / "tmp" / "duckdb"
     result.update(counts)
     result["pairs_images"] = n_images
     result["pairs_rows_per_s"] = round(result["candidate_rows_seen"] / result["pairs_s"])

@@ -1,9 +1,16 @@
-"""MegaPairs synthesis DAG: wiring only. Every task calls a function of megapairs_ops: a stage
-through megapairs_ops.pipeline.run_stage, the same call the `megapairs run` CLI makes, or the
-planning and work-item functions of the stages whose work is mapped over tasks (embed, mine,
-annotate), after which run_stage finds the items done and finalizes. Parsing this file imports the
-Airflow SDK and reads the deployment settings (environment + the default profile's `resources`);
-stage code and its heavy libraries load inside the tasks.
+"""MegaPairs synthesis DAG: wiring only, generated from the stage declarations
+(megapairs_ops/pipeline/registry.py). Every stage gets the same task group:
+
+    <stage>.plan_<device>    the work items of the stage's unfinished keys (one planner per device
+                             the stage declares), grouped into the batches one task runs
+    <stage>.items_<device>   mapped over those batches, routed to the device's queue and pool
+    <stage>.finalize         merge, gate, status (mapped over encoders for per-encoder stages)
+
+The CLI (`megapairs run`) runs the same plan, items and finalize in one process (a process pool
+for CPU-bound items). Each planner takes the previous stage's finalize results as its input, each
+finalize the results of its items: data passes through return values. Parsing this file imports
+the Airflow SDK, the deployment settings (environment + the default profile's `resources`) and
+the light stage declarations; stage code and its heavy libraries load inside the tasks.
 
 Scheduled and backfill runs write to OUTPUT_ROOT/<logical date>, manual runs to
 OUTPUT_ROOT/<run id> (or OUTPUT_ROOT/<run_name> when given), so runs never collide and re-running a
@@ -16,9 +23,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, TaskGroup, dag, get_current_context, task
 
 from megapairs_ops.deployment import deployment_settings, partition_name
+from megapairs_ops.pipeline.registry import all_stages
 
 SETTINGS = deployment_settings()
 TRIPLETS = Asset(name="megapairs_triplets", uri="file://" + SETTINGS.output_root.rstrip("/") + "/")
@@ -54,23 +62,23 @@ PARAMS = {
         description="Optional partition name overriding the logical date / run id (letters, digits, . _ -).",
     ),
 }
+BATCH_LABEL = (
+    "{% set b = task.op_kwargs['batch'] %}{{ b[0]['id'] }}{% if b | length > 1 %}..{{ b[-1]['id'] }}{% endif %}"
+)
 
 
 @contextmanager
-def _fail_without_retry_on_bad_input():
-    """Retrying cannot fix a bad config, an unusable corpus, rejected credentials or data that
-    fails its gate."""
+def _permanent_errors_fail_at_once():
+    """A permanent error (megapairs_ops.errors: config, corpus, gate, credentials, resource
+    limits) fails the task without retries: running it again gives the same answer. Transient
+    ones (an endpoint that stays down) and anything unexpected are retried as usual."""
     from airflow.sdk.exceptions import AirflowFailException
-    from megapairs_ops.stages.annotate.backends import BackendError
-    from megapairs_ops.config import ConfigError
-    from megapairs_ops.stages.ingest.core import IngestError
-    from megapairs_ops.quality.gates import ValidationFailed
+
+    from megapairs_ops.errors import PermanentError
 
     try:
         yield
-    # BackendError: a bad endpoint config or rejected credentials. An endpoint that is merely
-    # down raises EndpointUnavailable instead, which Airflow retries; committed records are kept.
-    except (BackendError, ConfigError, IngestError, ValidationFailed) as exc:
+    except PermanentError as exc:
         raise AirflowFailException(str(exc)) from exc
 
 
@@ -87,34 +95,101 @@ def _ctx():
     return context_from_params(params["config"], params["corpus"], out, run_id=dag_run.run_id)
 
 
-def _plan(stage: str, device: str | None = None) -> list[dict]:
-    """A stage's work items for mapped tasks: small JSON-able dicts; none when the stage is
-    finished (an empty expansion is skipped)."""
-    from megapairs_ops import pipeline
+@task
+def check_config() -> list[str]:
+    """Validate the config, the environment variables and the model endpoints it names before any
+    work starts, and list the encoders that per-encoder stages fan out over. Files a stage needs
+    on its worker (model folders) are checked by that stage's items, where they run."""
+    from megapairs_ops.pipeline import check_before_run
 
-    with _fail_without_retry_on_bad_input():
+    with _permanent_errors_fail_at_once():
         ctx = _ctx()
-        if stage == "embed":
-            return pipeline.plan_embed_stage(ctx, device)
-        return pipeline.plan_annotate_stage(ctx)
+        check_before_run(ctx, local_files=False)
+        return [e.name for e in ctx.cfg.encoders]
 
 
-def _embed_shards(item: dict) -> dict:
-    from megapairs_ops.stages.embed.work import run_embed_work
+@task
+def plan(stage: str, device: str, upstream: object = None) -> list[list[dict]]:
+    """The stage's work items for this device, in task batches (none when it is finished: the
+    mapped task is then skipped). `upstream`: the previous stage's finalize results."""
+    from megapairs_ops.pipeline import plan_stage, task_batches
 
-    with _fail_without_retry_on_bad_input():
+    with _permanent_errors_fail_at_once():
         ctx = _ctx()
-        # Shards are committed one by one; a retry skips the finished ones.
-        return run_embed_work(ctx.cfg, ctx.layout, item)
+        return task_batches(ctx, stage, plan_stage(ctx, stage, device))
 
 
-def _run(stage: str, encoder: str | None = None) -> dict:
-    from megapairs_ops.pipeline import run_stage
+@task
+def items(stage: str, batch: list[dict]) -> list[str]:
+    """Run one batch of work items; each is committed as it finishes, so a retry resumes at the
+    first unfinished one. Returns the items' ids (their stats stay in the run directory)."""
+    from megapairs_ops.pipeline import check_before_run, run_batch
 
-    with _fail_without_retry_on_bad_input():
-        record = run_stage(_ctx(), stage, encoder)
+    with _permanent_errors_fail_at_once():
+        ctx = _ctx()
+        # What this stage needs on this worker (a model folder of a GPU worker need not exist
+        # where ingest runs).
+        check_before_run(ctx, stages=[stage], probe_endpoints=False)
+        run_batch(ctx, stage, batch)
+    return [item["id"] for item in batch]
+
+
+# none_failed: a device without work items is skipped, which must not skip its stage; a failed
+# item still stops it (upstream_failed).
+@task(trigger_rule="none_failed")
+def finalize(stage: str, encoder: str | None = None, done: object = None) -> dict:
+    """Merge the stage's committed items, gate the result, record the stage. `done`: the ids of
+    the items its mapped tasks ran."""
+    from megapairs_ops.pipeline import finalize_stage
+
+    with _permanent_errors_fail_at_once():
+        ctx = _ctx()
+        record = finalize_stage(ctx, stage, encoder)
+    if stage == "publish":
+        get_current_context()["outlet_events"][TRIPLETS].extra = {
+            "run_dir": str(ctx.layout.root), "triplets": record.get("rows_out"), "run_id": ctx.run_id,
+        }
     # Only small summaries go to XCom; artifacts stay in the run directory.
     return {k: record.get(k) for k in ("stage", "rows_in", "rows_out", "seconds", "skipped")}
+
+
+# A teardown (made so below): it runs when everything before it is done, however that went, and
+# does not count for the run's state. As a plain all_done leaf it would be the only task that
+# does, and a run whose ingest or gate failed would end "success".
+@task
+def report() -> str | None:
+    """The curator report, also for a run whose gate stopped publishing: it says why."""
+    from megapairs_ops.pipeline import build_run_report
+
+    built = build_run_report(_ctx())
+    return built and built.get("report")
+
+
+def stage_group(stage, encoders, upstream):
+    """The one task-group shape of every stage; returns its finalize (what the next stage plans
+    from)."""
+    with TaskGroup(stage.name):
+        ran = []
+        for device in stage.devices:
+            routed = stage.task_resources(device)
+            batches = plan.override(task_id=f"plan_{device}")(stage.name, device, upstream)
+            ran.append(
+                items.override(
+                    task_id=f"items_{device}",
+                    queue=routed.queue_name(SETTINGS.gpu_queue) or "default",
+                    pool=routed.pool_name(SETTINGS.gpu_pool, SETTINGS.llm_pool) or "default_pool",
+                    map_index_template=BATCH_LABEL,
+                ).partial(stage=stage.name).expand(batch=batches)
+            )
+        done = ran[0] if len(ran) == 1 else ran
+        outlets = [TRIPLETS] if stage.name == "publish" else []
+        if stage.per_encoder:
+            finished = finalize.override(
+                task_id="finalize", outlets=outlets, map_index_template="{{ task.op_kwargs['encoder'] }}",
+            ).partial(stage=stage.name, done=done).expand(encoder=encoders)
+        else:
+            finished = finalize.override(task_id="finalize", outlets=outlets)(stage.name, done=done)
+    return finished
 
 
 @dag(
@@ -134,136 +209,11 @@ def _run(stage: str, encoder: str | None = None) -> dict:
     doc_md=__doc__,
 )
 def megapairs_synthesis():
-    @task
-    def plan_encoders() -> list[str]:
-        """Validate the config, the environment variables and the model endpoints it names before
-        any work starts, and list the encoders to fan out over."""
-        from megapairs_ops.pipeline import check_before_run
-
-        with _fail_without_retry_on_bad_input():
-            ctx = _ctx()
-            check_before_run(ctx)
-            return [e.name for e in ctx.cfg.encoders]
-
-    @task
-    def ingest() -> dict:
-        return _run("ingest")
-
-    # Expanding over a key of a multiple_outputs planner would map over the number of keys, not
-    # over the list under the key (Airflow records one map length per task): one planner per device.
-    @task
-    def plan_embed_gpu() -> list[dict]:
-        """Embedding work items (encoder group x range of shards) of the GPU encoders."""
-        return _plan("embed", "gpu")
-
-    @task
-    def plan_embed_cpu() -> list[dict]:
-        """Embedding work items of the CPU encoders: they never hold the GPU queue or pool."""
-        return _plan("embed", "cpu")
-
-    shard_label = "{{ task.op_kwargs['item']['encoders'] | join('+') }}@{{ task.op_kwargs['item']['shards'] | join('-') }}"
-
-    @task(queue=SETTINGS.gpu_queue, pool=SETTINGS.gpu_pool, map_index_template=shard_label)
-    def embed_gpu_shards(item: dict) -> dict:
-        return _embed_shards(item)
-
-    @task(map_index_template=shard_label)
-    def embed_cpu_shards(item: dict) -> dict:
-        return _embed_shards(item)
-
-    # none_failed: a device without work items is skipped, which must not skip the embedding; a
-    # failed shard task still stops it (upstream_failed).
-    @task(trigger_rule="none_failed", map_index_template="{{ task.op_kwargs['encoder'] }}")
-    def embed(encoder: str) -> str:
-        """Merge the encoder's shards into its vectors (the stage re-plans, finds every shard
-        done, finalizes without loading a model)."""
-        _run("embed", encoder)
-        return encoder
-
-    @task
-    def plan_mining(embedded: list[str]) -> list[dict]:
-        """Query shards of every encoder; the index is chosen here (and an approximate one trained
-        once), so the mapped shards only search."""
-        from megapairs_ops.pipeline import plan_mine_stage
-
-        with _fail_without_retry_on_bad_input():
-            return plan_mine_stage(_ctx(), embedded)
-
-    @task(map_index_template="{{ task.op_kwargs['item']['encoder'] }}@{{ task.op_kwargs['item']['query_start'] }}")
-    def mine_shard(item: dict) -> None:
-        from megapairs_ops.stages.mine.work import run_mining_work
-
-        ctx = _ctx()
-        run_mining_work(ctx.cfg, ctx.layout, item)  # atomic per shard; a retry skips finished ones
-
-    # none_failed: finished encoders plan no query shards (mine_shard skipped) yet still pass.
-    @task(trigger_rule="none_failed", map_index_template="{{ task.op_kwargs['encoder'] }}")
-    def mine(encoder: str) -> str:
-        """Merge the encoder's shards into its candidates (the stage re-plans, finds every shard
-        done, merges) and run the mining gate."""
-        _run("mine", encoder)
-        return encoder
-
-    @task
-    def pairs(mined: list[str]) -> dict:
-        return _run("pairs")
-
-    @task
-    def plan_annotate() -> list[dict]:
-        """Pairs the catalogue already published with the same models and prompt version are
-        reused, not planned; the rest is cut into pair-id ranges."""
-        return _plan("annotate")
-
-    @task(pool=SETTINGS.llm_pool, map_index_template="{{ task.op_kwargs['item']['first'] }}-{{ task.op_kwargs['item']['last'] }}")
-    def annotate_pairs(item: dict) -> dict:
-        from megapairs_ops.stages.publish.catalogue import run_annotate_item
-
-        with _fail_without_retry_on_bad_input():
-            ctx = _ctx()
-            # Every outcome is checkpointed as it arrives: a retry asks only what is missing.
-            stats = run_annotate_item(ctx.cfg, ctx.layout, item, ctx.run_id)
-        return {k: stats.get(k) for k in ("item", "pairs", "pairs_requested", "accepted", "failed")}
-
-    @task(trigger_rule="none_failed")
-    def annotate() -> dict:
-        """Merge the work items' outputs with the reused annotations (the stage finds every item
-        done and asks no model) and record the stage."""
-        return _run("annotate")
-
-    @task(outlets=[TRIPLETS])
-    def publish() -> dict:
-        summary = _run("publish")
-        ctx = _ctx()
-        get_current_context()["outlet_events"][TRIPLETS].extra = {
-            "run_dir": str(ctx.layout.root),
-            "triplets": summary.get("rows_out"),
-            "run_id": ctx.run_id,
-        }
-        return summary
-
-    # A teardown (made so below): it runs when everything before it is done, however that went,
-    # and does not count for the run's state. As a plain all_done leaf it would be the only
-    # task that does, and a run whose ingest or gate failed would end "success".
-    @task
-    def report() -> str | None:
-        """The curator report, also for a run whose gate stopped publishing: it says why."""
-        from megapairs_ops.pipeline import build_run_report
-
-        built = build_run_report(_ctx())
-        return built and built.get("report")
-
-    encoders = plan_encoders()
-    ingested = ingest()
-    gpu_items, cpu_items = plan_embed_gpu(), plan_embed_cpu()
-    encoders >> ingested >> [gpu_items, cpu_items]
-    embedded = embed.expand(encoder=encoders)
-    [embed_gpu_shards.expand(item=gpu_items), embed_cpu_shards.expand(item=cpu_items)] >> embedded
-    shards = mine_shard.expand(item=plan_mining(embedded))
-    mined = mine.expand(encoder=encoders)
-    shards >> mined
-    annotate_items = plan_annotate()
-    pairs(mined) >> annotate_items
-    annotate_pairs.expand(item=annotate_items) >> annotate() >> publish() >> report().as_teardown()
+    encoders = check_config()
+    upstream = encoders
+    for stage in all_stages():
+        upstream = stage_group(stage, encoders, upstream)
+    upstream >> report().as_teardown()
 
 
 megapairs_synthesis()

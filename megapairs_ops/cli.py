@@ -18,6 +18,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory for every output of this run")
     p.add_argument("--run-id", default=None, help="recorded in every triplet (default: the run folder name)")
     p.add_argument("--force", action="store_true", help="redo stages even when finished")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for CPU-bound work items (ingest, CPU embedding); default: every core")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +100,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "airflow-pools":
         return _airflow_pools(load_config(args.config))
     if args.command == "report":
-        from megapairs_ops.report.build import build_report, load_run_config
-        from megapairs_ops.storage import RunLayout
+        from megapairs_ops.layout import RunLayout
+        from megapairs_ops.report import build_report, load_run_config
 
         layout = RunLayout(Path(args.run_dir))
         cfg = load_config(args.config) if args.config else load_run_config(layout)
@@ -117,15 +119,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         pipeline.check_before_run(ctx, until=args.until)
     if args.command == "run":
-        pipeline.run_pipeline(ctx, until=args.until, force=args.force)
+        pipeline.run_pipeline(ctx, until=args.until, force=args.force, workers=_workers(args))
         if args.until in (None, "publish"):
             return _summary(ctx.layout.root)
         return 0
     if args.command == "stage":
-        record = pipeline.run_stage(ctx, args.stage, args.encoder, force=args.force)
+        record = pipeline.run_stage(ctx, args.stage, args.encoder, force=args.force, workers=_workers(args))
         print(json.dumps(record, default=str))
         return 0
     raise AssertionError(args.command)
+
+
+def _workers(args: argparse.Namespace) -> int:
+    from .pipeline.executor import default_workers
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+    return args.workers or default_workers()
 
 
 def _airflow_pools(cfg) -> int:
@@ -142,8 +152,9 @@ def _airflow_pools(cfg) -> int:
 
 
 def _summary(run_dir: Path) -> int:
-    from megapairs_ops.storage import RunLayout, read_json
+    from megapairs_ops.layout import RunLayout
     from megapairs_ops.pipeline import output_locations
+    from megapairs_ops.storage import read_json
 
     layout = RunLayout(run_dir)
     if not layout.stats.is_file():

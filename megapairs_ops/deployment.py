@@ -1,6 +1,6 @@
 """Deployment settings the DAG needs while it is parsed: schedule, retries, default params, and the
 queues and pools of the default profile. Read from the environment and the default profile's
-`resources` section with plain YAML, so DAG parsing stays light (no pydantic model, no stage code).
+`resources` section with plain YAML, so DAG parsing stays light (no config model, no stage code).
 The full config is still validated by every task before it does any work."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-PRODUCTION_RESOURCES = {"gpu_queue": "gpu", "gpu_pool": "gpu", "llm_pool": "llm"}
+# Where a production deployment routes work (the `resources:` section's defaults, declared once
+# here so that DAG parsing needs no config model).
+RESOURCE_DEFAULTS = {"gpu_queue": "gpu", "gpu_pool": "gpu", "llm_pool": "llm"}
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,7 @@ class DeploymentSettings:
 def deployment_settings(env: dict[str, str] | None = None) -> DeploymentSettings:
     env = dict(os.environ if env is None else env)
     config = env.get("MEGAPAIRS_CONFIG", str(REPO / "configs" / "demo.yaml"))
-    resources = dict(PRODUCTION_RESOURCES)
-    try:
-        resources.update((yaml.safe_load(Path(config).read_text()) or {}).get("resources") or {})
-    except (OSError, yaml.YAMLError, AttributeError):
-        pass  # the task that validates the config reports the problem with a proper message
+    resources = _profile_resources(config)
     schedule = env.get("MEGAPAIRS_SCHEDULE", "@weekly")
     return DeploymentSettings(
         schedule=None if schedule.lower() in ("", "none", "null") else schedule,
@@ -52,6 +50,16 @@ def deployment_settings(env: dict[str, str] | None = None) -> DeploymentSettings
         gpu_pool=env.get("MEGAPAIRS_GPU_POOL", str(resources.get("gpu_pool"))),
         llm_pool=env.get("MEGAPAIRS_LLM_POOL", str(resources.get("llm_pool"))),
     )
+
+
+def _profile_resources(config: str) -> dict[str, str]:
+    """The profile's queues and pools over the defaults. A profile that cannot be read gives the
+    defaults: the task that validates the config reports the problem with a proper message."""
+    try:
+        section = (yaml.safe_load(Path(config).read_text()) or {}).get("resources") or {}
+        return {**RESOURCE_DEFAULTS, **{k: str(v) for k, v in section.items()}}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return dict(RESOURCE_DEFAULTS)
 
 
 def partition_name(

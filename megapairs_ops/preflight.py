@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable
 
-from megapairs_ops.config import ConfigError, PipelineConfig, StepConfig
+from megapairs_ops.config import ConfigError, PipelineConfig, StepConfig, local_problems
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,21 @@ class Finding:
         return f"{source}: {self.key}: {self.message}"
 
 
-def preflight(cfg: PipelineConfig, stages: Iterable[str] | None = None) -> list[Finding]:
-    """Findings for the stages about to run (all of them when `stages` is None)."""
+def preflight(cfg: PipelineConfig, stages: Iterable[str] | None = None, probe_endpoints: bool = True,
+              local_files: bool = True) -> list[Finding]:
+    """Findings for the stages about to run (all of them when `stages` is None): with
+    `local_files`, the files they need on this machine (config/environment.py); the environment
+    variables they name; with `probe_endpoints`, what the model endpoints serve. The DAG checks
+    local files in each stage's own work-item tasks, on the worker that needs them."""
     wanted = set(stages) if stages is not None else None
-    findings: list[Finding] = []
+    local = local_problems(cfg, wanted) if local_files else []
+    findings = [Finding(key, problem, fatal=True) for key, problem in local]
     if wanted is None or wanted & _ANNOTATING:
         probed: dict[tuple[str, str | None], _Probe] = {}
         for name in ("describe", "instruct"):
             step = getattr(cfg.annotate, name)
             if step.backend == "openai":
-                findings += _openai_step(f"annotate.{name}", step, probed)
+                findings += _openai_step(f"annotate.{name}", step, probed if probe_endpoints else None)
     return findings
 
 
@@ -68,13 +73,17 @@ class _Probe:
     credentials_rejected: bool = False
 
 
-def _openai_step(key: str, step: StepConfig, probed: dict[tuple[str, str | None], _Probe]) -> list[Finding]:
-    from megapairs_ops.stages.annotate.backends.openai_backend import EndpointConfigError, resolve_endpoint
+def _openai_step(key: str, step: StepConfig, probed: dict[tuple[str, str | None], _Probe] | None) -> list[Finding]:
+    """The step's endpoint and key resolve; with `probed` (a cache per endpoint), the endpoint
+    lists the configured model."""
+    from megapairs_ops.stages.annotate.backends.endpoint import EndpointConfigError, resolve_endpoint
 
     try:
         endpoint = resolve_endpoint(step)
     except EndpointConfigError as exc:
         return [Finding(f"{key}.{exc.field}", str(exc), fatal=True)]
+    if probed is None:
+        return []
     where = (endpoint.base_url, endpoint.api_key)
     if where not in probed:  # both steps often share one endpoint: ask it once
         probed[where] = _list_models(endpoint.base_url, endpoint.api_key, min(step.timeout_s, _PROBE_TIMEOUT_S))

@@ -1,9 +1,13 @@
-"""Run-directory layout, atomic writes and per-stage status records.
+"""Atomic writes, the one work-item protocol, and per-stage status records.
 
 Every output is written to a temporary sibling and renamed into place, so a reader sees either
-the previous complete file or the new complete file, never a half-written one. A stage is
-finished when its status record exists with a matching fingerprint; the status record is the
-last thing a stage writes.
+the previous complete file or the new complete file, never a half-written one.
+
+Two markers say what is finished, and nothing else does:
+- a work item is done when its stats file exists in the stage's work dir (`WorkDir.commit`,
+  written atomically after the item's outputs), the way img2dataset's shard stats file is;
+- a stage is finished when its status record exists with a matching fingerprint
+  (`mark_finished`, the last thing a stage writes).
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .layout import RunLayout
 
 # Bumped when a stage's semantics change, so old outputs are recomputed instead of reused.
 STAGE_CODE_VERSION = "1"
@@ -120,6 +126,19 @@ def clear_dir(path: Path) -> None:
     Path(path).mkdir(parents=True, exist_ok=True)
 
 
+def file_stamps(*paths: Path) -> list[list[Any]]:
+    """(path, size, mtime) of each file: a cheap identity of a stage's inputs for its work
+    fingerprint (a missing file stamps as absent)."""
+    out: list[list[Any]] = []
+    for path in paths:
+        try:
+            st = Path(path).stat()
+            out.append([str(path), st.st_size, st.st_mtime_ns])
+        except FileNotFoundError:
+            out.append([str(path), None, None])
+    return out
+
+
 def write_parquet(table: pa.Table, path: Path) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -134,118 +153,107 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-@dataclass(frozen=True)
-class RunLayout:
-    """Where every artifact of one run lives. Paths only; creating them is the stages' job."""
+class WorkDir:
+    """A stage's work items in storage (layout.work_dir(stage key)).
 
-    root: Path
+    `start` writes plan.json once per execution: the fingerprint of what the items compute, an
+    execution id, the item ids and whatever the planner records beside them. An item is done when
+    `commit` has written its stats file, after the item's own outputs; `require_all` is what a
+    stage's finalize calls before it merges anything. A plan made for other inputs is cleared
+    with everything committed under it, so stale items are never mistaken for done ones."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
-
-    # ingest
-    @property
-    def images(self) -> Path:
-        return self.root / "ingest" / "images.parquet"
-
-    # embeddings: vectors.npy (float32, L2-normalised, row i <-> ids.parquet row i)
-    def embedding_dir(self, encoder: str) -> Path:
-        return self.root / "embeddings" / encoder
-
-    def embedding_vectors(self, encoder: str) -> Path:
-        return self.embedding_dir(encoder) / "vectors.npy"
-
-    def embedding_ids(self, encoder: str) -> Path:
-        return self.embedding_dir(encoder) / "ids.parquet"
-
-    # mining
-    def candidates(self, encoder: str) -> Path:
-        return self.root / "candidates" / f"{encoder}.parquet"
-
-    def neighbours(self, encoder: str) -> Path:
-        return self.root / "neighbours" / f"{encoder}.parquet"
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
 
     @property
-    def pairs(self) -> Path:
-        return self.root / "pairs.parquet"
+    def plan_file(self) -> Path:
+        return self.root / "plan.json"
 
-    # annotation: one part per batch, so a killed task resumes at the first missing part
-    def annotation_dir(self, step: str) -> Path:
-        return self.root / "annotations" / step
+    def plan(self) -> dict[str, Any] | None:
+        try:
+            return read_json(self.plan_file) if self.plan_file.is_file() else None
+        except (OSError, ValueError):
+            return None
 
-    @property
-    def annotations(self) -> Path:
-        """Accepted annotations, one row per pair: the union of all finished batch parts."""
-        return self.root / "annotations.parquet"
+    def start(
+        self, fingerprint: str, items: list[str] | None = None,
+        artifacts: Callable[[Path], dict[str, Any] | None] | None = None, **extra: Any,
+    ) -> dict[str, Any]:
+        """The plan of this execution: the existing one when it was made for the same inputs
+        (and items), so a resumed execution keeps its committed items; else a new one in a fresh
+        folder. `artifacts(root)` writes what the items will read (a listing, a split, an index)
+        before plan.json and may return more to record in it, "items" included when they follow
+        from what it wrote; a plan exists only complete."""
+        plan = self.plan()
+        if plan and plan.get("fingerprint") == fingerprint and (items is None or plan.get("items") == items):
+            return plan
+        self.clear()
+        self.root.mkdir(parents=True, exist_ok=True)
+        plan = {"fingerprint": fingerprint, "execution": uuid.uuid4().hex[:16], "items": items, **extra}
+        if artifacts is not None:
+            plan.update(artifacts(self.root) or {})
+        if plan["items"] is None:
+            raise ValueError(f"{self.root}: a plan needs its item ids")
+        write_json(plan, self.plan_file)
+        return plan
 
-    @property
-    def triplets_dir(self) -> Path:
-        return self.root / "triplets"
+    def matches(self, fingerprint: str) -> dict[str, Any] | None:
+        """The plan, when it was made for these inputs."""
+        plan = self.plan()
+        return plan if plan and plan.get("fingerprint") == fingerprint else None
 
-    @property
-    def triplets_jsonl(self) -> Path:
-        return self.root / "triplets.jsonl"
+    def item_file(self, item_id: str) -> Path:
+        return self.root / "items" / f"{_safe_name(item_id)}.json"
 
-    # problems: each stage writes its own part, published merged at the end
-    def quarantine_part(self, stage: str) -> Path:
-        return self.root / "quarantine" / f"{stage}.parquet"
+    def part(self, item_id: str, kind: str, suffix: str = "parquet") -> Path:
+        """Where an item writes one of its outputs (write it atomically, then commit the item)."""
+        return self.root / "parts" / f"{_safe_name(item_id)}.{kind}.{suffix}"
 
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine.parquet"
+    def stats(self, item_id: str) -> dict[str, Any] | None:
+        path = self.item_file(item_id)
+        try:
+            return read_json(path) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
 
-    def failures_part(self, stage: str) -> Path:
-        return self.root / "failures" / f"{stage}.parquet"
+    def is_done(self, item_id: str) -> bool:
+        return self.item_file(item_id).is_file()
 
-    @property
-    def failures(self) -> Path:
-        return self.root / "failures.parquet"
+    def commit(self, item_id: str, stats: dict[str, Any]) -> None:
+        """Mark an item done: call it only after every output of the item is in place."""
+        write_json({"item": item_id, **stats}, self.item_file(item_id))
 
-    # reports
-    @property
-    def reports_dir(self) -> Path:
-        return self.root / "reports"
+    def require_all(self, item_ids: list[str] | None = None) -> list[dict[str, Any]]:
+        """The committed stats of every item (of the plan, by default); ItemsNotDone otherwise."""
+        from .errors import ItemsNotDone
 
-    @property
-    def stats(self) -> Path:
-        return self.reports_dir / "stats.json"
+        if item_ids is None:
+            plan = self.plan()
+            if plan is None:
+                raise ItemsNotDone(f"{self.root}: no plan; plan the stage before finalizing it")
+            item_ids = plan["items"]
+        found: list[dict[str, Any]] = []
+        missing: list[str] = []
+        for item_id in item_ids:
+            stats = self.stats(item_id)
+            if stats is None:
+                missing.append(item_id)
+            else:
+                found.append(stats)
+        if missing:
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise ItemsNotDone(
+                f"{self.root.name}: {len(missing)} of {len(item_ids)} work item(s) not done: "
+                f"{', '.join(missing[:5])}{more}; run them before finalizing"
+            )
+        return found
 
-    @property
-    def data_docs_dir(self) -> Path:
-        return self.reports_dir / "data_docs"
-
-    @property
-    def gx_dir(self) -> Path:
-        return self.root / "gx"
-
-    def spill_dir(self, stage: str) -> Path:
-        """DuckDB's spill folder of one stage; emptied when the stage starts."""
-        return self.root / "tmp" / stage
-
-    def status(self, stage_key: str) -> Path:
-        return self.root / "_status" / f"{stage_key}.json"
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("stage", pa.string()),
-    ]
-)
-
-FAILURE_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("q_id", pa.string()),
-        ("t_id", pa.string()),
-        ("stage", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("attempts", pa.int32()),
-    ]
-)
+def _safe_name(item_id: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.+@" else "_" for ch in item_id)
 
 
 def write_problem_rows(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:

@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.fixtures.llm_server",
     "tests.fixtures.airflow",
     "tests.fixtures.open_clip_pass",
+    "tests.fixtures.annotation",
 ]

@@ -14,8 +14,8 @@ import yaml
 
 from megapairs_ops.config import load_config
 from megapairs_ops.deployment import deployment_settings, pool_specs
+from tests.fixtures.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 AIRFLOW_SERVICES = {
     "airflow-init", "airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",

@@ -10,8 +10,7 @@ import yaml
 from megapairs_ops.cli import main
 from megapairs_ops.config import parse_config
 from megapairs_ops.preflight import preflight
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures.paths import REPO
 
 
 def paper_like(llm_server, **step):
@@ -115,3 +114,16 @@ def test_a_served_model_passes(llm_server, monkeypatch):
     # Both steps share the endpoint: it is asked once.
     assert len([r for r in llm_server.requests if r.path.endswith("/models")]) == 1
     llm_server.reset()
+
+
+def test_local_files_are_checked_only_for_the_stages_of_this_worker(tmp_path):
+    """Loading a config touches no file it names; a missing model folder stops the stage that
+    loads it, not ingest on a worker that does not have it (or the DAG's first task)."""
+    missing = tmp_path / "no-such-clip"
+    cfg = parse_config({"encoders": [{"name": "clip", "kind": "clip_image", "model": str(missing)},
+                                     {"name": "colour", "kind": "classic_color_layout"}]})
+    assert preflight(cfg, ["ingest"]) == []
+    assert preflight(cfg, local_files=False) == []
+    (finding,) = preflight(cfg, ["embed"])
+    assert finding.fatal and finding.key == "encoders.0.model" and str(missing) in finding.message
+    assert [f.key for f in preflight(cfg)] == ["encoders.0.model"]  # the CLI: one machine, every stage

@@ -3,7 +3,8 @@ import stat
 
 import pytest
 
-from megapairs_ops.storage import RunLayout, atomic_dir, atomic_path, is_finished, mark_finished
+from megapairs_ops.layout import RunLayout
+from megapairs_ops.storage import atomic_dir, atomic_path, is_finished, mark_finished
 
 
 def test_atomic_path_keeps_old_content_when_writer_fails(tmp_path):

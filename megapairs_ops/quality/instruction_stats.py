@@ -1,6 +1,6 @@
 """Instruction statistics: counts, lengths, vocabulary, distinct-n-gram ratios and the most
 repeated instructions and openings. One implementation (DuckDB, `sql/instruction_*.sql`) serves
-both the publish gates (megapairs_ops.validate) and the curator report, so the figure a gate
+both the publish gates (quality/gates.py) and the curator report, so the figure a gate
 judged is the figure the report shows.
 
 Two instructions are the same when they differ only in case, runs of spaces or end punctuation;
@@ -16,23 +16,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from megapairs_ops.sqlfiles import sql
+from megapairs_ops.db import open_session, sql
 
 # Distinct-n ratios are taken on this many instructions (seeded sample), whatever the run's size.
 DISTINCT_N_SAMPLE = 1000
+# Parquet columns holding instruction lists: the triplets' q_text, annotations.parquet's instructions.
+SOURCE_COLUMNS = ("q_text", "instructions")
 
 
 @contextmanager
-def _connect(spill_dir: Path | None, memory_limit: str | None) -> Iterator[Any]:
-    import duckdb
-
-    config: dict[str, Any] = {}
-    if memory_limit:
-        config["memory_limit"] = memory_limit
-    if spill_dir is not None:
-        Path(spill_dir).mkdir(parents=True, exist_ok=True)
-        config["temp_directory"] = str(spill_dir)
-    con = duckdb.connect(config=config)
+def _connect(settings: dict[str, Any] | None) -> Iterator[Any]:
+    con = open_session(settings)
     try:
         yield con
     finally:
@@ -47,19 +41,15 @@ def _register_source(con: Any, source: pa.Table | Sequence[Path], column: str) -
             "q_text": source.column(column),
         })
         con.register("instruction_source_table", table)
-        con.execute("CREATE OR REPLACE TEMP VIEW instruction_source AS "
-                    "SELECT * FROM instruction_source_table")
+        con.execute(sql("instruction_source_from_table"))
     else:
         paths = [str(p) for p in source]
         if not paths:
-            con.execute("CREATE OR REPLACE TEMP VIEW instruction_source AS SELECT "
-                        "0::BIGINT AS row_id, ''::VARCHAR AS pair_id, []::VARCHAR[] AS q_text LIMIT 0")
+            con.execute(sql("instruction_source_empty"))
             return
-        # The column name is ours (q_text or instructions), never a user's.
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE instruction_source AS SELECT "
-            f"row_number() OVER () AS row_id, pair_id, \"{column}\" AS q_text "
-            "FROM read_parquet($paths)", {"paths": paths})
+        if column not in SOURCE_COLUMNS:
+            raise ValueError(f"instruction lists are read from {SOURCE_COLUMNS}, not {column!r}")
+        con.execute(sql(f"instruction_source_{column}"), {"paths": paths})
     con.execute(sql("instruction_rows"))
 
 
@@ -69,13 +59,12 @@ def instruction_stats(
     top: int = 10,
     sample: int = DISTINCT_N_SAMPLE,
     per_row: bool = False,
-    spill_dir: Path | None = None,
-    memory_limit: str | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Statistics of the instruction lists in `column` of an Arrow table or Parquet files (each
     with `pair_id`). With `per_row` (tables only) the result also holds `instruction_share_per_row`
     and `opening_share_per_row`, numpy arrays aligned with the table's rows."""
-    with _connect(spill_dir, memory_limit) as con:
+    with _connect(settings) as con:
         _register_source(con, source, column)
         cur = con.execute(sql("instruction_summary"))
         summary = dict(zip([d[0] for d in cur.description], cur.fetchall()[0]))
@@ -85,10 +74,11 @@ def instruction_stats(
         lengths = {int(n): int(c) for n, c in con.execute(sql("instruction_length_histogram")).fetchall()}
         repeated = con.execute(sql("instruction_top_repeated"), {"top": top}).fetchall()
         openings = con.execute(sql("instruction_top_openings"), {"top": top}).fetchall()
-        shares = None
+        shares, n_rows = None, 0
         if per_row:
             if not isinstance(source, pa.Table):
                 raise ValueError("per_row needs an Arrow table source")
+            n_rows = source.num_rows
             shares = con.sql(sql("instruction_shares_per_row")).to_arrow_table()
 
     pairs, instructions = int(summary["pairs"]), int(summary["instructions"])
@@ -116,9 +106,8 @@ def instruction_stats(
     stats["instruction_share"] = stats["top_instructions"][0]["share"] if repeated else 0.0
     stats["opening_share"] = stats["top_openings"][0]["share"] if openings else 0.0
     if shares is not None:
-        n = source.num_rows  # type: ignore[union-attr]
         for name in ("instruction_share", "opening_share"):
-            values = np.zeros(n, dtype=np.float64)
+            values = np.zeros(n_rows, dtype=np.float64)
             rows = shares.column("row_id").to_numpy()
             values[rows] = shares.column(name).to_numpy(zero_copy_only=False)
             stats[f"{name}_per_row"] = values

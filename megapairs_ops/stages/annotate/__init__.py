@@ -1,47 +1,77 @@
-"""Annotation building blocks: versioned prompts, output parsing and checks, model backends.
+"""Annotate: for every mined pair, an MLLM description of what the two images share and how they
+differ (WORD_NUM words), then >= 3 retrieval instructions from an LLM prompted with five
+demonstrations out of a pool of fifty (MegaPairs section 3.1, appendix A).
 
-The stage itself (batching, retries, resumable parts) lives in `megapairs_ops.annotate`.
-Backends are imported lazily by `make_backend`, so importing this package loads no model library.
+- work.py: the plan (reuse split, pair-id prefix ranges) and finalize;
+- item.py: one work item (describe -> checks -> instruct -> checks per pair, checkpointed);
+- outcomes.py: what a pair's records are worth under today's checks;
+- reuse.py: annotations the catalogue already published, carried over;
+- checks.py, parsing.py: what an answer must look like, and reading instructions out of it;
+- prompts.py (and the folders of megapairs_ops/prompts/): versioned prompt sets and the draws;
+- records.py: per-record checkpoints; request_stats.py: per-step request counters;
+- types.py: requests, results and errors every part shares (a leaf module);
+- backends/: template (offline baseline), openai (any OpenAI-compatible endpoint), vllm
+  (in-process engine), transformers (local generation).
 """
 
-from megapairs_ops.stages.annotate.backends import (
-    Backend,
-    BackendError,
-    DescribeRequest,
-    EndpointUnavailable,
-    InstructRequest,
-    Result,
-    image_data_url,
-    load_image,
-    make_backend,
-)
-from megapairs_ops.stages.annotate.checks import TextRules, check_answer, check_description, check_instructions, is_refusal
-from megapairs_ops.stages.annotate.parsing import instructions_schema, normalise, parse_instructions
-from megapairs_ops.stages.annotate.prompts import Demo, PromptError, PromptSet, draw_demos, draw_word_num, load_prompt_set, seed_key
+from __future__ import annotations
 
-__all__ = [
-    "Backend",
-    "BackendError",
-    "Demo",
-    "DescribeRequest",
-    "EndpointUnavailable",
-    "InstructRequest",
-    "PromptError",
-    "PromptSet",
-    "Result",
-    "TextRules",
-    "check_answer",
-    "check_description",
-    "check_instructions",
-    "draw_demos",
-    "draw_word_num",
-    "image_data_url",
-    "instructions_schema",
-    "is_refusal",
-    "load_image",
-    "load_prompt_set",
-    "make_backend",
-    "normalise",
-    "parse_instructions",
-    "seed_key",
-]
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from megapairs_ops.layout import RunLayout
+from megapairs_ops.pipeline.stage import Device, Resources, Stage
+
+if TYPE_CHECKING:
+    from megapairs_ops.config import PipelineConfig
+
+__all__ = ["AnnotateStage"]
+
+
+class AnnotateStage(Stage):
+    name = "annotate"
+    upstream = ("pairs",)
+    rows = ("pairs_in", "accepted")
+    devices = ("gpu", "cpu")
+
+    def result_config(self, ctx, encoder: str | None) -> list[Any]:
+        return [ctx.cfg.annotate, ctx.cfg.seed]
+
+    def device(self, cfg: PipelineConfig, encoder: str | None) -> Device:
+        """Local models need a GPU worker; an endpoint is reached from any worker."""
+        steps = (cfg.annotate.describe, cfg.annotate.instruct)
+        local = any(s.backend == "vllm" or (s.backend == "transformers" and s.device == "cuda") for s in steps)
+        return "gpu" if local else "cpu"
+
+    @classmethod
+    def task_resources(cls, device: Device) -> Resources:
+        # Every item asks the models: the llm pool caps how many ask at once.
+        return Resources(device=device, pool="llm")
+
+    def plan(self, ctx, encoders: list[str | None], device: Device | None = None) -> list[dict[str, Any]]:
+        from .work import plan_annotate_work
+
+        return plan_annotate_work(ctx.cfg, ctx.layout)
+
+    def run_items(self, ctx, items: list[dict[str, Any]], commit) -> None:
+        from .item import ItemBackends, annotate_item
+
+        backends = ItemBackends(ctx.cfg, ctx.layout, None)  # built once for the batch, if a pair needs them
+        try:
+            for item in items:
+                commit(item, annotate_item(ctx.cfg, ctx.layout, self.work(ctx.layout, None), item, ctx.run_id,
+                                           backends=backends, progress=ctx.progress))
+        finally:
+            backends.close()
+
+    def finalize(self, ctx, encoder: str | None) -> dict[str, Any]:
+        from .work import finalize_annotate
+
+        return finalize_annotate(ctx.cfg, ctx.layout, ctx.run_id)
+
+    def work_left(self, status: dict[str, Any]) -> bool:
+        return bool(status.get("retryable_failures"))
+
+    def outputs(self, layout: RunLayout, encoder: str | None) -> list[Path]:
+        return [layout.annotation_records.parent, layout.annotations, layout.failures_part("annotate"),
+                layout.work_dir("annotate")]

@@ -65,20 +65,20 @@ def _from_json(text: str) -> list[str] | None:
 
 
 def _from_lines(text: str) -> list[str]:
-    items: list[str] = []
+    items: list[list[str]] = []  # each item: its first line and the lines it wraps onto
     current: list[str] | None = None
     for line in text.splitlines():
         match = _ITEM.match(line)
         if match:
             current = [match.group(1)]
-            items.append(current)  # type: ignore[arg-type]
+            items.append(current)
         elif not line.strip():
             current = None
         elif current is not None:
             # A wrapped item continues on the next line; a blank line ends it.
             current.append(line.strip())
     if items:
-        return [" ".join(parts) for parts in items]  # type: ignore[union-attr]
+        return [" ".join(parts) for parts in items]
     # No list markers at all: one instruction per line, minus lead-ins such as "Here are three:".
     return [line for line in text.splitlines() if line.strip() and not line.rstrip().endswith(":")]
 

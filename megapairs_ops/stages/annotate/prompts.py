@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from megapairs_ops.errors import ConfigError
+
 PROMPTS_ROOT = Path(__file__).resolve().parents[2] / "prompts"  # package data: megapairs_ops/prompts/
 POOL_SIZE = 50
 
@@ -28,7 +30,7 @@ OUTPUT_FORMATS = {
 }
 
 
-class PromptError(ValueError):
+class PromptError(ConfigError):
     """A prompt set is missing or malformed; the message names the file and what is wrong."""
 
 

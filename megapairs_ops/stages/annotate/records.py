@@ -10,7 +10,6 @@ item compacts its shards to one part each.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -20,36 +19,10 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from megapairs_ops.storage import write_json, write_parquet
+from megapairs_ops.schemas import ANNOTATION_RECORD_SCHEMA
+from megapairs_ops.storage import write_parquet
 
-RECORD_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("step", pa.string()),
-        ("prompt_version", pa.string()),
-        ("model", pa.string()),  # the configured model: part of the key
-        ("input_digest", pa.string()),  # what the step was given (instruct: the description)
-        ("status", pa.string()),  # "accepted" | "failed"
-        ("text", pa.string()),  # the model's raw output
-        ("instructions", pa.list_(pa.string())),
-        ("served_model", pa.string()),  # what the endpoint said it ran
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("attempts", pa.int32()),  # tries of this step for this key, all runs together
-        ("word_num", pa.int32()),
-        ("seed", pa.int64()),
-        ("sampling", pa.string()),  # JSON: temperature, top_p, max_tokens, seed
-        ("backend", pa.string()),
-        ("run_id", pa.string()),
-        # Which stage execution wrote it: failures of the current, unfinished one are final for
-        # it (a resumed task keeps them); failures of a finished one are retried by the next.
-        ("generation", pa.int32()),
-        # False for a failure that asking again cannot fix (an unreadable image); null in records
-        # written before this column existed, which count as retryable.
-        ("retryable", pa.bool_()),
-        ("created_ns", pa.int64()),
-    ]
-)
+RECORD_SCHEMA = ANNOTATION_RECORD_SCHEMA
 
 Key = tuple[str, str, str, str]
 _SAFE = re.compile(r"^[0-9A-Za-z]{2}$")
@@ -78,20 +51,6 @@ class RecordStore:
     def parts(self, prefix: str) -> list[Path]:
         folder = self.shard_dir(prefix)
         return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-
-    @property
-    def _generation_file(self) -> Path:
-        return self.root / "generation.json"
-
-    def current_generation(self) -> int:
-        """The stage execution under way: one more than the last one that was finalized."""
-        try:
-            return int(json.loads(self._generation_file.read_text())["completed"]) + 1
-        except (OSError, ValueError, KeyError, TypeError):
-            return 1
-
-    def finish_generation(self, generation: int) -> None:
-        write_json({"completed": generation}, self._generation_file)
 
     def load(self, prefixes: Iterable[str]) -> dict[Key, dict[str, Any]]:
         """The newest record per key in these shards."""

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from megapairs_ops.db import open_session, sql
 from megapairs_ops.storage import atomic_path, sweep_temps, write_json, write_parquet
 
 CACHE_VERSION = "1"
@@ -44,10 +45,11 @@ def text_key(text: str) -> str:
 
 
 class EmbeddingCache:
-    def __init__(self, root: Path, identity: dict[str, Any], dim: int, memory_limit: str = "2GB") -> None:
+    def __init__(self, root: Path, identity: dict[str, Any], dim: int, db_settings: dict[str, Any] | None = None) -> None:
         self.dir = Path(root).expanduser() / identity_hash(identity)
         self.dim = dim
-        self.memory_limit = memory_limit
+        # DuckDB settings of the lookups (db.session_settings); the spill folder is the cache's own.
+        self.db_settings = {**(db_settings or {}), "temp_directory": str(self.dir / ".duckdb-spill")}
         self.dir.mkdir(parents=True, exist_ok=True)
         # Temp files of writers killed mid-segment; other runs may be writing right now, so only
         # those a day old, far beyond any one segment write.
@@ -67,24 +69,13 @@ class EmbeddingCache:
         segments = self._segments()
         if not keys or not segments:
             return {}
-        import duckdb
 
         wanted = pa.table({"key": pa.array(sorted(set(keys)), pa.string())})
-        with duckdb.connect() as con:
-            for setting, value in (("memory_limit", self.memory_limit), ("temp_directory", self.dir / ".duckdb-spill")):
-                con.execute(f"SET {setting} = '{str(value).replace(chr(39), chr(39) * 2)}'")
+        with open_session(self.db_settings) as con:
             con.register("wanted", wanted)
             # Two segments may hold one key (two runs computed it at once): any copy serves; the
             # first by name keeps the choice stable.
-            rows = con.execute(
-                """
-                SELECT c.key, arg_min(c.filename, c.filename), arg_min(c.file_row_number, c.filename)
-                FROM read_parquet(?, filename = true, file_row_number = true) AS c
-                SEMI JOIN wanted AS w ON c.key = w.key
-                GROUP BY c.key
-                """,
-                [[str(p) for p in segments]],
-            ).fetchall()
+            rows = con.execute(sql("embed_cache_lookup"), {"segments": [str(p) for p in segments]}).fetchall()
         usable = {name: self._segment_ok(Path(name)) for name in {r[1] for r in rows}}
         return {key: (Path(name).name, int(row)) for key, name, row in rows if usable[name]}
 

@@ -41,10 +41,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from megapairs_ops.config import MiningConfig, parse_bytes
+from megapairs_ops.config import MiningConfig
+from megapairs_ops.db import open_session, sql
+from megapairs_ops.layout import RunLayout
 from megapairs_ops.stages.mine.index import VectorFile
-from megapairs_ops.sqlfiles import sql
-from megapairs_ops.storage import RunLayout, load_status, read_json, write_json
+from megapairs_ops.storage import load_status, read_json, write_json
 
 log = logging.getLogger("megapairs")
 
@@ -64,7 +65,7 @@ def stamp(path: Path) -> list[int]:
 
 
 def meta_path(layout: RunLayout, encoder: str) -> Path:
-    return layout.neighbours(encoder).with_suffix(".json")
+    return layout.neighbours_meta(encoder)
 
 
 def embed_identity(layout: RunLayout, encoder: str) -> str | None:
@@ -164,17 +165,6 @@ def find_parent(layout: RunLayout, encoder: str, k: int, dim: int, code_version:
                         + (f"; +{len(rejected) - 3} more)" if len(rejected) > 3 else ")"))
 
 
-def _connect(tmp: Path, memory_budget: str | int):
-    import duckdb
-
-    tmp.mkdir(parents=True, exist_ok=True)
-    return duckdb.connect(config={
-        "memory_limit": f"{max(parse_bytes(memory_budget) // 2, 64 * 2**20)}B",
-        "temp_directory": str(tmp),
-        "preserve_insertion_order": False,
-    })
-
-
 def _batches(con, name: str, params: dict, rows: int):
     reader = con.sql(sql(name), params=params).to_arrow_reader(rows)
     for batch in reader:
@@ -182,7 +172,7 @@ def _batches(con, name: str, params: dict, rows: int):
 
 
 def prepare(out: Path, layout: RunLayout, encoder: str, vectors: VectorFile, parent: Parent,
-            mining: MiningConfig) -> dict[str, Any]:
+            mining: MiningConfig, db_settings: dict[str, Any]) -> dict[str, Any]:
     """Write the incremental plan's arrays into `out` (a fresh folder) and return its counts;
     raises NoIncremental when the parent turns out unusable (no identical shared vector, or its
     lists are incomplete). Linear in the corpus: one pass over both vector files and over the
@@ -191,7 +181,10 @@ def prepare(out: Path, layout: RunLayout, encoder: str, vectors: VectorFile, par
     pvec = VectorFile(parent.layout.embedding_vectors(encoder))
     m = pvec.n
     chunk = max(1024, (64 * 2**20) // vectors.row_bytes)
-    con = _connect(out / "duckdb", mining.memory_budget)
+
+    spill = out / "duckdb"
+    spill.mkdir(parents=True, exist_ok=True)
+    con = open_session({**db_settings, "temp_directory": str(spill), "preserve_insertion_order": False})
     try:
         # 1. Shared image ids, and which of them kept a bit-identical vector.
         par_to_cur = np.full(m, -1, dtype=np.int64)  # parent row -> this run's row, identical vectors only

@@ -8,20 +8,20 @@ Semantics, whatever the engine: a query's own row is never its neighbour; its fi
 are its retrieved set (neighbours/{enc}.parquet, kept for hard negatives); of those, the ones with
 lo < sim < hi are candidates, at most max_targets_per_query per query, most similar first.
 
-The work is split into query ranges so Airflow can map them to tasks:
+The work is split into query ranges, one work item each:
     items = plan_mining_work(cfg, layout, encoder)    # small JSON-able dicts
-    run_mining_work(cfg, layout, item)                # one part per item, atomic, skipped when done
+    search_queries(cfg, layout, item)                 # one part per item, atomic; its stats commit it
     finalize_mining(cfg, layout, encoder)             # parts -> candidates/{enc}.parquet, neighbours/...
-`mine_candidates` runs the three in one process. Parts live under mining/{enc}/{fingerprint}/, the
-fingerprint covering the config and the embeddings, so a changed input never reuses stale parts.
+`mine_candidates` runs the three in one process. Parts live in the encoder's work dir
+(work/mine-<enc>/, storage.WorkDir), planned for a fingerprint of the result config and the
+embeddings, so a changed input never reuses stale parts.
 
-Incremental mining (mining.incremental, mine_incremental.py): plan_mining_work looks for an earlier
-run under the same output root whose exact neighbours of this encoder can be reused, and records
-its decision in plan.json (mode full or incremental, and why). The work items stay query ranges:
-inside each, new images are searched against the whole corpus and old queries merge their parent
-list with a search over the new images only; output rows come in query row order either way, so
-the files equal a full recompute. Incremental parts are named after their plan
-(inc-<plan id>-q...), so parts of another decision are never merged.
+Incremental mining (mining.incremental, incremental.py): plan_mining_work looks for an earlier run
+under the same output root whose exact neighbours of this encoder can be reused, and records its
+decision in the work dir's plan (mode full or incremental, and why). The work items stay query
+ranges: inside each, new images are searched against the whole corpus and old queries merge their
+parent list with a search over the new images only; output rows come in query row order either
+way, so the files equal a full recompute.
 """
 
 from __future__ import annotations
@@ -42,26 +42,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from megapairs_ops.config import MiningConfig, PipelineConfig, parse_bytes
+from megapairs_ops.db import session_settings
+from megapairs_ops.errors import ItemsNotDone
 from megapairs_ops.stages.mine.incremental import IncrementalPlan, NoIncremental, changed_since_found, find_parent, prepare, write_meta
-from megapairs_ops.stages.mine.index import (
-    FlatSearcher,
-    IndexPlan,
-    IvfSearcher,
-    MiningResourceError,
-    VectorFile,
-    choose_index,
-    ensure_ivf,
-    exclusive,
-    merge_topk_by_row,
-    resolve_device,
-)
-from megapairs_ops.storage import RunLayout, atomic_dir, atomic_path, read_json, write_json
+from megapairs_ops.stages.mine.flat import FlatSearcher, merge_topk_by_row
+from megapairs_ops.stages.mine.index import IndexPlan, MiningResourceError, VectorFile, choose_index, resolve_device
+from megapairs_ops.stages.mine.ivf import IvfSearcher, ensure_ivf
+from megapairs_ops.layout import RunLayout
+from megapairs_ops.schemas import CANDIDATE_SCHEMA
+from megapairs_ops.storage import WorkDir, atomic_dir, atomic_path, read_json
 
 log = logging.getLogger("megapairs")
 
-CANDIDATE_SCHEMA = pa.schema(
-    [("q_id", pa.string()), ("t_id", pa.string()), ("sim", pa.float32()), ("rank", pa.int32())]
-)
 # Bumped when mining output semantics change, so parts of an older version are never merged.
 MINE_CODE_VERSION = "2"
 HIST_BINS = 20  # sims of all neighbours, bins over [0, 1]
@@ -100,16 +92,21 @@ class _Work:
     def full_plan(self) -> IndexPlan:
         return choose_index(self.cfg.mining, self.vectors.n, self.vectors.dim)
 
+    @cached_property
+    def work(self) -> WorkDir:
+        return WorkDir(self.layout.work_dir(f"mine-{self.encoder}"))
+
     @property
-    def mode_file(self) -> Path:
-        return self.dir / "plan.json"
+    def dir(self) -> Path:
+        return self.work.root
 
     @cached_property
     def mode(self) -> dict:
         """The decision of plan_mining_work: {"mode": "full"|"incremental", "reason", ...}."""
-        if not self.mode_file.is_file():
-            raise RuntimeError(f"mining '{self.encoder}' is not planned in {self.dir}; run plan_mining_work first")
-        return read_json(self.mode_file)
+        plan = self.work.matches(self.fingerprint)
+        if plan is None:
+            raise ItemsNotDone(f"mining '{self.encoder}' is not planned in {self.dir}; run plan_mining_work first")
+        return plan["mode"]
 
     @cached_property
     def incremental(self) -> IncrementalPlan | None:
@@ -131,61 +128,28 @@ class _Work:
     def exact(self) -> bool:
         return self.full_plan.kind == "flat" and not self.cfg.mining.gpu_float16
 
-    @property
-    def tag(self) -> str:
-        """Part name prefix: incremental parts carry their plan, so another plan's never merge."""
-        return f"inc-{self.mode['plan_id']}-" if self.incremental is not None else ""
-
     @cached_property
     def fingerprint(self) -> str:
         def stat(path: Path) -> list[int]:
             st = path.stat()
             return [st.st_size, st.st_mtime_ns]
 
-        payload = {
-            "version": MINE_CODE_VERSION,
-            # How queries are cut into tasks and batches, and whether an earlier run's neighbours
-            # are reused, does not change any result (plan.json records the reuse decision).
-            "mining": self.cfg.mining.model_dump(
-                mode="json", exclude={"queries_per_task", "query_batch_size", "incremental"}),
-            "band": list(self.cfg.encoder(self.encoder).band),
-            "seed": self.cfg.seed,
-            "vectors": stat(self.layout.embedding_vectors(self.encoder)),
-            "ids": stat(self.layout.embedding_ids(self.encoder)),
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        # The result config (runtime knobs such as query batches, tasks, devices and whether an
+        # earlier run's neighbours are reused stay out: the plan records the reuse decision)
+        # and the embeddings it searches.
+        return self.cfg.section_fingerprint(
+            "mine-work", MINE_CODE_VERSION, self.cfg.mining, list(self.cfg.encoder(self.encoder).band), self.cfg.seed,
+            stat(self.layout.embedding_vectors(self.encoder)), stat(self.layout.embedding_ids(self.encoder)),
+        )
 
-    @property
-    def root(self) -> Path:
-        return self.layout.root / "mining" / self.encoder
-
-    @property
-    def dir(self) -> Path:
-        return self.root / self.fingerprint
-
-    def part(self, item: dict, kind: str) -> Path:
-        return self.dir / f"{self.tag}q{item['query_start']:012d}-{item['query_stop']:012d}.{kind}.parquet"
-
-    def item_stats(self, item: dict) -> Path:
-        return self.dir / f"{self.tag}q{item['query_start']:012d}-{item['query_stop']:012d}.json"
-
-    @property
-    def finalized(self) -> Path:
-        return self.dir / "finalized.json"
-
-    def is_finalized(self) -> bool:
-        outputs = (self.layout.candidates(self.encoder), self.layout.neighbours(self.encoder))
-        return self.finalized.is_file() and all(p.is_file() for p in outputs)
-
-    def item_done(self, item: dict) -> bool:
-        return all(p.is_file() for p in (self.item_stats(item), self.part(item, "candidates"),
-                                         self.part(item, "neighbours")))
+    def part(self, item_id: str, kind: str) -> Path:
+        return self.work.part(item_id, kind)
 
     def items(self) -> list[dict]:
         n, per = self.vectors.n, self.cfg.mining.queries_per_task
         count = max(1, -(-n // per))
         bounds = np.linspace(0, n, count + 1).astype(int)
-        return [{"encoder": self.encoder, "query_start": int(a), "query_stop": int(b)}
+        return [{"id": f"q{a:012d}-{b:012d}", "encoder": self.encoder, "query_start": int(a), "query_stop": int(b)}
                 for a, b in zip(bounds[:-1], bounds[1:])]
 
     @cached_property
@@ -205,15 +169,15 @@ class _Work:
 
 def plan_mining_work(cfg: PipelineConfig, layout: RunLayout, encoder: str) -> list[dict]:
     """Query ranges of one encoder, one work item each. Decides (and logs) full or incremental
-    mining and the index; for the approximate indexes it also trains, fills and calibrates the
-    shared IVF index, and an incremental plan prepares its parent lists (a linear pass), so this
-    step needs the same worker as mining (minutes at scale). Cheap when everything is done already."""
+    mining and the index once per execution (recorded in the work dir's plan); for the
+    approximate indexes it also trains, fills and calibrates the shared IVF index, and an
+    incremental plan prepares its parent lists (a linear pass), so this step needs the same
+    worker as mining (minutes at scale). Cheap when the plan stands."""
     work = _Work(cfg, layout, encoder)
     items = work.items()
-    if work.is_finalized():
-        return items
-    _drop_stale(work)
-    mode = _ensure_mode(work)
+    if work.work.matches(work.fingerprint) is None:
+        work.work.start(work.fingerprint, [i["id"] for i in items], lambda root: {"mode": _decide(work)})
+    mode = work.mode
     plan = work.plan
     log.info("mining %s: %s, %s; %d shard(s) of <= %d rows; %d work item(s); %s mining: %s", encoder,
              plan.faiss_name, plan.reason, plan.n_shards, plan.shard_rows, len(items), mode["mode"], mode["reason"])
@@ -222,19 +186,10 @@ def plan_mining_work(cfg: PipelineConfig, layout: RunLayout, encoder: str) -> li
     return items
 
 
-def _ensure_mode(work: _Work) -> dict:
-    """plan.json of this fingerprint: kept once written (its items may have run), else decided."""
-    with exclusive(work.dir / ".plan.lock"):
-        if not work.mode_file.is_file():
-            write_json(_decide(work), work.mode_file)
-    return work.mode
-
-
 def _decide(work: _Work) -> dict:
+    """Full or incremental mining, and why; an incremental plan's arrays go into the (fresh)
+    work dir."""
     mining, n, dim = work.cfg.mining, work.vectors.n, work.vectors.dim
-    for stale in work.dir.iterdir():  # arrays and parts of an earlier, unfinished decision
-        if stale.name.startswith(("inc-", ".inc-")):
-            _remove(stale)
     try:
         if not mining.incremental:
             raise NoIncremental("mining.incremental is off")
@@ -254,7 +209,8 @@ def _decide(work: _Work) -> dict:
         plan_id = hashlib.sha256(json.dumps([work.fingerprint, described], sort_keys=True).encode()).hexdigest()[:12]
         folder = f"inc-{plan_id}"
         with atomic_dir(work.dir / folder) as tmp:
-            counts = prepare(tmp, work.layout, work.encoder, work.vectors, parent, mining)
+            settings = session_settings(work.cfg, work.layout, f"mine-{work.encoder}")
+            counts = prepare(tmp, work.layout, work.encoder, work.vectors, parent, mining, settings)
             # The parent was read over a while: it must still be what its record says.
             changed = changed_since_found(parent, work.encoder)
             if changed:
@@ -268,11 +224,19 @@ def _decide(work: _Work) -> dict:
 
 
 def run_mining_work(cfg: PipelineConfig, layout: RunLayout, item: dict) -> dict:
-    """Search one query range and write its candidates and neighbours parts (atomic; skipped
-    when the part is already there)."""
+    """One work item as a mapped task runs it: searched and committed, or skipped when done."""
     work = _Work(cfg, layout, item["encoder"])
-    if work.is_finalized() or work.item_done(item):
-        return {**item, "skipped": True}
+    if work.work.is_done(item["id"]):
+        return {**item, **(work.work.stats(item["id"]) or {}), "skipped": True}
+    stats = search_queries(cfg, layout, item)
+    work.work.commit(item["id"], stats)
+    return {**item, **stats}
+
+
+def search_queries(cfg: PipelineConfig, layout: RunLayout, item: dict) -> dict:
+    """Search one query range and write its candidates and neighbours parts (atomic); returns
+    the item's stats, which commit it."""
+    work = _Work(cfg, layout, item["encoder"])
     enc = cfg.encoder(work.encoder)
     lo, hi = enc.band
     k, cap = cfg.mining.k, cfg.mining.max_targets_per_query
@@ -281,8 +245,8 @@ def run_mining_work(cfg: PipelineConfig, layout: RunLayout, item: dict) -> dict:
     stats = {"queries": stop - start, "neighbours": 0, "candidates": 0, "queries_with_candidates": 0,
              "sim_histogram": [0] * HIST_BINS, "device": "cpu"}
     with (
-        atomic_path(work.part(item, "candidates")) as cand_tmp,
-        atomic_path(work.part(item, "neighbours")) as neigh_tmp,
+        atomic_path(work.part(item["id"], "candidates")) as cand_tmp,
+        atomic_path(work.part(item["id"], "neighbours")) as neigh_tmp,
     ):
         with (
             pq.ParquetWriter(cand_tmp, CANDIDATE_SCHEMA, compression="zstd") as cand_writer,
@@ -307,8 +271,7 @@ def run_mining_work(cfg: PipelineConfig, layout: RunLayout, item: dict) -> dict:
                 hist = np.histogram(np.clip(neigh.column("sim").to_numpy(), 0, 1), bins=HIST_BINS, range=(0, 1))
                 stats["sim_histogram"] = (np.asarray(stats["sim_histogram"]) + hist[0]).tolist()
     stats["seconds"] = round(time.perf_counter() - t0, 3)
-    write_json(stats, work.item_stats(item))  # last: the item counts as done only now
-    return {**item, **{key: stats[key] for key in ("queries", "neighbours", "candidates", "seconds")}}
+    return stats
 
 
 def _select(ids: pa.Array, rows: np.ndarray, sims: np.ndarray, idx: np.ndarray, k: int, lo: float, hi: float,
@@ -410,22 +373,15 @@ def _incremental_batches(work: _Work, start: int, stop: int, stats: dict):
 
 
 def finalize_mining(cfg: PipelineConfig, layout: RunLayout, encoder: str) -> dict:
-    """Merge the finished parts into candidates/{enc}.parquet and neighbours/{enc}.parquet; returns
-    the stage's stats. Raises if a work item has not finished."""
+    """Merge the committed parts into candidates/{enc}.parquet and neighbours/{enc}.parquet;
+    returns the stage's stats. ItemsNotDone while a work item is missing."""
     work = _Work(cfg, layout, encoder)
-    if work.is_finalized():
-        return read_json(work.finalized)
-    items = work.items()
-    missing = [f"{i['query_start']}-{i['query_stop']}" for i in items if not work.item_done(i)]
-    if missing:
-        raise RuntimeError(f"mining '{encoder}': work items not finished: {', '.join(missing[:5])}"
-                           + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
-    parts = [read_json(work.item_stats(i)) for i in items]
+    parts = work.work.require_all()
     for kind, final in (("neighbours", layout.neighbours(encoder)), ("candidates", layout.candidates(encoder))):
-        paths = [work.part(i, kind) for i in items]
+        paths = [work.part(p["item"], kind) for p in parts]
         final.parent.mkdir(parents=True, exist_ok=True)
         if len(paths) == 1:
-            os.replace(paths[0], final)  # same filesystem: a rename, no copy
+            _link(paths[0], final)  # no copy; the part stays until the stage is finished
             continue
         with atomic_path(final) as tmp, pq.ParquetWriter(tmp, CANDIDATE_SCHEMA, compression="zstd") as w:
             for path in paths:
@@ -448,39 +404,33 @@ def finalize_mining(cfg: PipelineConfig, layout: RunLayout, encoder: str) -> dic
         "index": work.plan.faiss_name,
         "index_plan": {**work.plan.describe(), **(read_json(ivf_meta) if ivf_meta.is_file() else {})},
         "devices": sorted({p["device"] for p in parts}),
-        "work_items": len(items),
+        "work_items": len(parts),
         "search_seconds": round(sum(p["seconds"] for p in parts), 3),
         "sim_histogram_0_1_by_0_05": np.sum([p["sim_histogram"] for p in parts], axis=0).astype(int).tolist(),
     }
     if work.incremental is not None:
         stats["incremental"] = {key: mode[key] for key in INCREMENTAL_KEYS}
-    write_json(stats, work.finalized)
-    for path in work.dir.iterdir():
-        if path != work.finalized:
-            _remove(path)
     return stats
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _drop_stale(work: _Work) -> None:
-    """Parts and indexes of other fingerprints belong to inputs that no longer exist."""
-    if work.root.is_dir():
-        for path in work.root.iterdir():
-            if path.is_dir() and path.name != work.fingerprint:
-                shutil.rmtree(path, ignore_errors=True)
+def _link(source: Path, final: Path) -> None:
+    """`final` becomes the same file as `source` (a hard link, else a copy), atomically."""
+    with atomic_path(final) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 def mine_candidates(cfg: PipelineConfig, encoder_name: str, layout: RunLayout) -> dict:
-    """The whole mining stage of one encoder in this process: plan, every work item, finalize."""
+    """The whole mining stage of one encoder in this process: plan, every work item, finalize;
+    the work dir is removed once the outputs are written, as after a finished stage."""
     for item in plan_mining_work(cfg, layout, encoder_name):
         run_mining_work(cfg, layout, item)
-    return finalize_mining(cfg, layout, encoder_name)
+    stats = finalize_mining(cfg, layout, encoder_name)
+    _Work(cfg, layout, encoder_name).work.clear()
+    return stats
 
 
 def _table(ids: pa.Array, q: np.ndarray, t: np.ndarray, sim: np.ndarray, rank: np.ndarray) -> pa.Table:

@@ -38,12 +38,13 @@ from typing import Any
 import pyarrow as pa
 
 from megapairs_ops.config import ConfigError, PipelineConfig
-from megapairs_ops.sqlfiles import sql
-from megapairs_ops.storage import FAILURE_SCHEMA, RunLayout, write_problem_rows
+from megapairs_ops.db import sql
+from megapairs_ops.layout import RunLayout
+from megapairs_ops.schemas import FAILURE_SCHEMA, REJECT_SCHEMA
+from megapairs_ops.storage import write_problem_rows
 
 STAGE = "curation"
 KINDS = ("pair", "image")
-REJECT_SCHEMA = {"kind": pa.string(), "id": pa.string(), "reason": pa.string(), "line": pa.int32()}
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -69,7 +70,7 @@ def load_rejects(path: Path) -> pa.Table:
     lines = [(n, row) for n, row in enumerate(csv.reader(text.splitlines()), start=1)
              if row and any(c.strip() for c in row) and not row[0].lstrip().startswith("#")]
     if not lines:
-        return pa.table({k: pa.array([], t) for k, t in REJECT_SCHEMA.items()})
+        return REJECT_SCHEMA.empty_table()
     header_line, header = lines[0]
     columns = [c.strip().lower() for c in header]
     missing = [c for c in ("kind", "id") if c not in columns]
@@ -91,7 +92,7 @@ def load_rejects(path: Path) -> pa.Table:
             what = "a 16-hex pair_id" if kind == "pair" else "a 16-hex image_id or a 64-hex sha256"
             raise CurationError(f"{path}:{n}: id must be {what}, got {ident!r}")
         rows.setdefault((kind, ident), {"kind": kind, "id": ident, "reason": reason, "line": n})
-    return pa.Table.from_pylist(list(rows.values()), schema=pa.schema(list(REJECT_SCHEMA.items())))
+    return pa.Table.from_pylist(list(rows.values()), schema=REJECT_SCHEMA)
 
 
 def rejects_fingerprint(cfg: PipelineConfig) -> dict[str, Any]:
@@ -108,8 +109,7 @@ def apply_curation(con: Any, cfg: PipelineConfig, layout: RunLayout) -> dict[str
     on DuckDB connection `con`, write the exclusions as the `curation` failures part and return
     the curation stats."""
     path = rejects_path(cfg)
-    rejects = load_rejects(path) if path else pa.table(
-        {k: pa.array([], t) for k, t in REJECT_SCHEMA.items()})
+    rejects = load_rejects(path) if path else REJECT_SCHEMA.empty_table()
     kinds = rejects.column("kind").to_pylist()
     pick = lambda kind: rejects.filter(pa.array([k == kind for k in kinds], pa.bool_()))  # noqa: E731
     pairs_t, images_t = pick("pair"), pick("image")
@@ -117,11 +117,9 @@ def apply_curation(con: Any, cfg: PipelineConfig, layout: RunLayout) -> dict[str
         "pair_id": pairs_t.column("id"), "reason": pairs_t.column("reason"), "line": pairs_t.column("line")}))
     con.register("rejected_images_table", pa.table({
         "image_id": images_t.column("id"), "reason": images_t.column("reason"), "line": images_t.column("line")}))
-    con.execute("CREATE OR REPLACE TEMP TABLE rejected_pairs AS SELECT * FROM rejected_pairs_table")
-    con.execute("CREATE OR REPLACE TEMP TABLE rejected_images AS SELECT * FROM rejected_images_table")
+    con.execute(sql("curation_load_rejects"))
 
     base = {"pairs": str(layout.pairs), "annotations": str(layout.annotations)}
-    replaced = 0
     if rejects.num_rows:
         con.execute(sql("curation_exclusions"), {
             **base, "source": path.name if path else "",
@@ -138,19 +136,17 @@ def apply_curation(con: Any, cfg: PipelineConfig, layout: RunLayout) -> dict[str
                 "images": str(layout.images), "neighbours": neighbours, "seed": str(cfg.seed),
                 "max_hamming": cfg.pairs.near_duplicate_hamming})
         else:
-            _empty_replacements(con)
+            con.execute(sql("curation_no_replacements"))
         con.execute(sql("curation_unreplaceable"))
-        replaced = con.execute("SELECT coalesce(sum(replaced), 0) FROM replaced_negatives").fetchall()[0][0]
         unmatched_pairs, unmatched_images = con.execute(
             sql("curation_unmatched_rejects"), {"pairs": base["pairs"], "images": str(layout.images)}
         ).fetchall()[0]
     else:
-        con.execute("CREATE OR REPLACE TEMP TABLE curation_exclusions (pair_id VARCHAR, q_id VARCHAR, "
-                    "t_id VARCHAR, reason VARCHAR, detail VARCHAR)")
-        _empty_replacements(con)
+        con.execute(sql("curation_no_exclusions"))
         unmatched_pairs = unmatched_images = 0
 
-    excluded = con.sql("SELECT * FROM curation_exclusions ORDER BY pair_id").to_arrow_table()
+    replaced, pairs_replaced = con.execute(sql("curation_replaced_counts")).fetchall()[0]
+    excluded = con.sql(sql("curation_excluded_pairs")).to_arrow_table()
     rows = [dict(r, stage=STAGE, attempts=0) for r in excluded.to_pylist()]
     # Always written, so a publish after the list was emptied drops the old exclusions.
     write_problem_rows(rows, FAILURE_SCHEMA, layout.failures_part(STAGE))
@@ -166,11 +162,5 @@ def apply_curation(con: Any, cfg: PipelineConfig, layout: RunLayout) -> dict[str
         "excluded": len(rows),
         "excluded_by_reason": dict(sorted(by_reason.items())),
         "negatives_replaced": int(replaced),
-        "pairs_with_replaced_negatives": int(
-            con.execute("SELECT count(*) FROM replaced_negatives").fetchall()[0][0]),
+        "pairs_with_replaced_negatives": int(pairs_replaced),
     }
-
-
-def _empty_replacements(con: Any) -> None:
-    con.execute("CREATE OR REPLACE TEMP TABLE replaced_negatives (pair_id VARCHAR, hn_ids VARCHAR[], "
-                "replaced BIGINT)")

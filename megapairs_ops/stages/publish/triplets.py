@@ -1,6 +1,6 @@
 """Publish: triplets in the released record format plus provenance, a JSONL export, and the merged
-quarantine and failure tables of the whole run. Curators' rejections (megapairs_ops.curation) are
-applied here, so the next publish after a curator edits the rejects file leaves those pairs out."""
+quarantine and failure tables of the whole run. Curators' rejections (curation.py) are applied
+here, so the next publish after a curator edits the rejects file leaves those pairs out."""
 
 from __future__ import annotations
 
@@ -12,46 +12,17 @@ import pyarrow.parquet as pq
 
 from megapairs_ops.config import PipelineConfig
 from megapairs_ops.stages.publish.curation import apply_curation, rejects_path
-from megapairs_ops.sqlfiles import sql
-from megapairs_ops.storage import (
-    FAILURE_SCHEMA,
-    QUARANTINE_SCHEMA,
-    RunLayout,
-    atomic_dir,
-    atomic_path,
-    merge_parts,
-    write_json,
-)
+from megapairs_ops.db import connect, sql
+from megapairs_ops.layout import RunLayout
+from megapairs_ops.schemas import FAILURE_SCHEMA, QUARANTINE_SCHEMA, RELEASED_FIELDS, TRIPLET_SCHEMA
+from megapairs_ops.storage import atomic_dir, atomic_path, merge_parts, write_json
 
-
-TRIPLET_SCHEMA = pa.schema(
-    [
-        ("q_img", pa.string()),
-        ("q_text", pa.list_(pa.string())),
-        ("t_img", pa.string()),
-        ("hns", pa.list_(pa.string())),
-        ("pair_id", pa.string()),
-        ("q_id", pa.string()),
-        ("t_id", pa.string()),
-        ("encoders", pa.list_(pa.string())),
-        ("sims", pa.list_(pa.float32())),
-        ("description", pa.string()),
-        ("word_num", pa.int32()),
-        ("describe_model", pa.string()),
-        ("instruct_model", pa.string()),
-        ("describe_backend", pa.string()),
-        ("instruct_backend", pa.string()),
-        ("prompt_version", pa.string()),
-        ("run_id", pa.string()),
-    ]
-)
-RELEASED_FIELDS = ("q_img", "q_text", "t_img", "hns")
 
 
 def run_config_path(layout: RunLayout) -> Path:
     """The resolved config of the run's last publish, so `megapairs report RUN_DIR` needs no
     --config."""
-    return layout.reports_dir / "run_config.json"
+    return layout.run_config
 
 
 def write_run_config(cfg: PipelineConfig, layout: RunLayout) -> None:
@@ -62,8 +33,6 @@ def write_run_config(cfg: PipelineConfig, layout: RunLayout) -> None:
 
 
 def publish_triplets(cfg: PipelineConfig, layout: RunLayout, run_id: str) -> dict:
-    import duckdb
-
     write_run_config(cfg, layout)
     params = {
         "pairs": str(layout.pairs),
@@ -71,9 +40,7 @@ def publish_triplets(cfg: PipelineConfig, layout: RunLayout, run_id: str) -> dic
         "annotations": str(layout.annotations),
     }
     rows = parts = 0
-    spill = layout.spill_dir("publish")
-    spill.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(config={"memory_limit": cfg.pairs.memory_limit, "temp_directory": str(spill)})
+    con = connect(cfg, layout, "publish")
     try:
         curation = apply_curation(con, cfg, layout)
         con.execute(sql("hard_negative_paths"), {"pairs": params["pairs"], "images": params["images"]})
@@ -96,8 +63,8 @@ def publish_triplets(cfg: PipelineConfig, layout: RunLayout, run_id: str) -> dic
     finally:
         con.close()
 
-    quarantined = merge_parts(layout.root / "quarantine", QUARANTINE_SCHEMA, layout.quarantine)
-    failed = merge_parts(layout.root / "failures", FAILURE_SCHEMA, layout.failures)
+    quarantined = merge_parts(layout.quarantine_dir, QUARANTINE_SCHEMA, layout.quarantine)
+    failed = merge_parts(layout.failures_dir, FAILURE_SCHEMA, layout.failures)
     return {"triplets": rows, "parts": parts, "quarantined": quarantined, "failed": failed, "run_id": run_id,
             "curation": curation}
 

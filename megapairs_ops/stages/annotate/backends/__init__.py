@@ -21,107 +21,37 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Coroutine, Sequence, TypeVar
 
 from PIL import Image
 
 from megapairs_ops.config import StepConfig
-from megapairs_ops.stages.annotate.prompts import stable_hash
 from megapairs_ops.stages.annotate.request_stats import RequestStats
+from megapairs_ops.stages.annotate.types import (  # noqa: F401  (re-exported: what backends take and return)
+    FINISH_FAILURES,
+    STEPS,
+    BackendError,
+    DescribeRequest,
+    EndpointUnavailable,
+    ImageLoadError,
+    InstructRequest,
+    Result,
+    completion_result,
+)
 
 DEFAULT_MAX_PIXELS = 100_000_000
-STEPS = ("describe", "instruct")
 T = TypeVar("T")
 
 
-class BackendError(RuntimeError):
-    """A backend cannot be set up or used at all (missing API key, rejected credentials,
-    unknown backend): stops the stage instead of failing every pair."""
-
-
-class EndpointUnavailable(RuntimeError):
-    """The endpoint stayed down longer than `outage_timeout_s`; the work item stops with every
-    finished record kept, so a retried task resumes where this one stopped."""
-
-
-class _Seeded:
-    seed_key: str
-
-    @property
-    def seed(self) -> int:
-        return stable_hash(self.seed_key) % 2**31
-
-
-@dataclass(frozen=True)
-class DescribeRequest(_Seeded):
-    pair_id: str
-    seed_key: str  # pair, run seed and attempt: a retry is a fresh sample, a re-run the same one
-    prompt: str
-    word_num: int
-    q_image: str  # image refs as written in images.parquet `path`
-    t_image: str
-    q_caption: str
-    t_caption: str
-
-
-@dataclass(frozen=True)
-class InstructRequest(_Seeded):
-    pair_id: str
-    seed_key: str
-    prompt: str
-    description: str
-    q_caption: str
-    t_caption: str
-    # Bounds of the JSON schema sent when structured output is on.
-    min_instructions: int = 3
-    max_chars: int = 300
-
-
-@dataclass(frozen=True)
-class Result:
-    text: str | None
-    model: str
-    error: str | None = None  # snake_case kind: timeout, server_error, bad_response, corrupt_image, ...
-    detail: str = ""
-    # False when asking again cannot help (the image itself is unreadable).
-    retryable: bool = True
-    tokens_in: int = 0
-    tokens_out: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.text is not None
-
-
-# Completion endings that make an answer unusable whatever its text: cut off by max_tokens
-# ("length"), or withheld or cut by the provider's filter ("content_filter"). Such an answer is a
-# failed attempt, re-sampled like any other bad output.
-FINISH_FAILURES = {"length": "truncated", "content_filter": "content_filter"}
-
-
-def completion_result(
-    text: str | None, model: str, finish_reason: str | None, max_tokens: int, tokens_in: int = 0, tokens_out: int = 0
-) -> Result:
-    """A model's answer as a Result, failed when the model did not finish it."""
-    reason = FINISH_FAILURES.get(finish_reason or "")
-    if reason is None:
-        return Result(text, model, tokens_in=tokens_in, tokens_out=tokens_out)
-    shown = repr((text or "")[-120:])
-    detail = f"finish_reason={finish_reason} after {tokens_out or '?'} tokens (max_tokens={max_tokens}); ends {shown}"
-    # The text stays for inspection; a Result with an error is never used as an answer.
-    return Result(text, model, reason, detail, tokens_in=tokens_in, tokens_out=tokens_out)
-
-
-def run_async(coro: Awaitable[T]) -> T:
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine on a fresh event loop (uvloop when installed: cheaper per request)."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)  # type: ignore[arg-type]
+        return runner.run(coro)
 
 
 class Backend(ABC):
@@ -257,13 +187,6 @@ class _Batcher:
 
 # ---------------------------------------------------------------------------------------------
 # Images in requests
-
-
-class ImageLoadError(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def load_image(ref: str, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -16,17 +16,14 @@ client's Authorization header, and is scrubbed from every detail text that leave
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import os
 import random
 import ssl
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
@@ -36,11 +33,10 @@ import httpx
 from megapairs_ops.config import StepConfig
 from megapairs_ops.stages.annotate.backends import (
     DEFAULT_MAX_PIXELS,
+    FINISH_FAILURES,
     Backend,
     BackendError,
     DescribeRequest,
-    EndpointUnavailable,
-    FINISH_FAILURES,
     ImageLoadError,
     InstructRequest,
     Result,
@@ -50,246 +46,14 @@ from megapairs_ops.stages.annotate.backends import (
     run_async,
 )
 from megapairs_ops.stages.annotate.parsing import instructions_schema
-from megapairs_ops.stages.annotate.request_stats import RequestStats
+
+from .breaker import CircuitBreaker, retry_after_seconds
+from .endpoint import Endpoint, resolve_endpoint
 
 log = logging.getLogger(__name__)
 
+
 _SNIPPET = 200
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: either delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Endpoint and credentials
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    base_url: str
-    api_key: str | None = field(default=None, repr=False)
-    key_source: str = "none"  # "connection:<id>", "env:<NAME>" or "none": safe to log
-
-    @property
-    def chat_url(self) -> str:
-        return self.base_url.rstrip("/") + "/chat/completions"
-
-
-class EndpointConfigError(BackendError):
-    """The endpoint or its key cannot be resolved from the step's config; `field` names the
-    StepConfig key to fix (connection_id, api_key_env or base_url)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (self.field, str(self))
-
-
-def _airflow_connection(conn_id: str) -> Any:
-    try:
-        from airflow.sdk import Connection
-    except ImportError as exc:
-        raise EndpointConfigError("connection_id", f"connection_id '{conn_id}' needs Airflow installed ({exc})") from None
-    try:
-        return Connection.get(conn_id)
-    except Exception as exc:  # AirflowNotFoundException and secrets-backend errors
-        raise EndpointConfigError(
-            "connection_id", f"Airflow connection '{conn_id}' could not be read: {type(exc).__name__}"
-        ) from None
-
-
-def _connection_base_url(conn: Any) -> str | None:
-    extra = conn.extra_dejson if conn.extra else {}
-    if extra.get("base_url"):
-        return str(extra["base_url"])
-    host = (conn.host or "").strip()
-    if not host:
-        return None
-    if "://" in host:
-        return host
-    scheme = "https" if conn.conn_type in ("https",) else "http"
-    port = f":{conn.port}" if conn.port else ""
-    return f"{scheme}://{host}{port}/{(conn.schema or 'v1').strip('/')}"
-
-
-def resolve_endpoint(step: StepConfig) -> Endpoint:
-    """base_url from the config, else from the Airflow connection; the key from the connection's
-    password (or its extra `api_key`), else from the environment variable `api_key_env`."""
-    base_url, key, source = step.base_url, None, "none"
-    if step.connection_id:
-        conn = _airflow_connection(step.connection_id)
-        base_url = base_url or _connection_base_url(conn)
-        key = conn.password or (conn.extra_dejson.get("api_key") if conn.extra else None)
-        if key:
-            source = f"connection:{step.connection_id}"
-    if not key and step.api_key_env:
-        key = os.environ.get(step.api_key_env)
-        if not key:
-            raise EndpointConfigError(
-                "api_key_env",
-                f"annotate backend 'openai': environment variable {step.api_key_env} "
-                "(named by api_key_env) is not set or empty",
-            )
-        source = f"env:{step.api_key_env}"
-        # Inside an Airflow worker, have the task log redact it too (never import Airflow for this).
-        if "airflow.sdk" in sys.modules:
-            try:
-                from airflow.sdk.log import mask_secret
-
-                mask_secret(key)
-            except Exception:
-                pass
-    if not base_url:
-        raise EndpointConfigError(
-            "base_url",
-            f"annotate backend 'openai': no endpoint; set base_url or give connection '{step.connection_id}' a host",
-        )
-    return Endpoint(base_url, key or None, source)
-
-
-# ---------------------------------------------------------------------------------------------
-# Circuit breaker
-
-
-class CircuitBreaker:
-    """Shared by all requests of one endpoint. Closed: requests flow. After `threshold`
-    consecutive failures it opens for `cooldown_s` (doubling on each failed probe, up to
-    `max_cooldown_s`); then one probe request at a time goes through until one succeeds.
-    `pause(seconds)` (a Retry-After) holds every request without counting as a failure."""
-
-    def __init__(
-        self,
-        threshold: int,
-        cooldown_s: float,
-        max_cooldown_s: float,
-        outage_timeout_s: float,
-        stats: Callable[[], list[RequestStats]],
-        name: str,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.threshold = threshold
-        self.base_cooldown = cooldown_s
-        self.cooldown = cooldown_s
-        self.max_cooldown = max(max_cooldown_s, cooldown_s)
-        self.outage_timeout = outage_timeout_s
-        self.clock = clock
-        self.name = name
-        self._stats = stats
-        self.consecutive = 0
-        self.is_open = False
-        self.open_until = 0.0
-        self.not_before = 0.0
-        self.down_since: float | None = None
-        self.probing = False
-        self._changed: asyncio.Event | None = None
-
-    def _event(self) -> asyncio.Event:
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        return self._changed
-
-    def _notify(self) -> None:
-        event = self._event()
-        event.set()
-        self._changed = asyncio.Event()
-
-    async def acquire(self, stats: RequestStats) -> bool:
-        """Wait until a request may be sent; True when it is the probe of an open breaker."""
-        waited_from = None
-        try:
-            while True:
-                now = self.clock()
-                if self.is_open and self.down_since is not None and now - self.down_since > self.outage_timeout:
-                    raise EndpointUnavailable(
-                        f"{self.name}: endpoint down for {now - self.down_since:.0f}s "
-                        f"(outage_timeout_s={self.outage_timeout:g}); finished records are kept"
-                    )
-                wake = max(self.not_before, self.open_until if self.is_open else 0.0)
-                if now >= wake:
-                    if not self.is_open:
-                        return False
-                    if not self.probing:
-                        self.probing = True
-                        return True
-                    wake = now + self.cooldown  # wait for the probe's verdict, re-check now and then
-                if waited_from is None:
-                    waited_from = now
-                try:
-                    await asyncio.wait_for(self._event().wait(), timeout=max(wake - now, 0.001))
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            if waited_from is not None:
-                stats.paused(self.clock() - waited_from)
-
-    def success(self, probe: bool) -> None:
-        self.consecutive = 0
-        self.down_since = None
-        if probe or self.is_open:
-            self.is_open = False
-            self.probing = False
-            self.cooldown = self.base_cooldown
-            log.info("%s: endpoint answers again; circuit closed", self.name)
-            self._notify()
-
-    def failure(self, probe: bool) -> bool:
-        """Record an endpoint failure; True when the endpoint now counts as down."""
-        now = self.clock()
-        self.consecutive += 1
-        if self.down_since is None:
-            self.down_since = now
-        if probe:
-            self.probing = False
-            self.open_until = now + self.cooldown
-            self.cooldown = min(self.cooldown * 2, self.max_cooldown)
-            self._notify()
-            return True
-        if self.is_open:
-            return True
-        if self.consecutive >= self.threshold:
-            self.is_open = True
-            self.open_until = now + self.cooldown
-            self.cooldown = min(self.cooldown * 2, self.max_cooldown)
-            for stats in self._stats():
-                stats.breaker_opened()
-            log.warning(
-                "%s: %d failures in a row; pausing all requests (circuit open for %.1fs)",
-                self.name, self.consecutive, self.open_until - now,
-            )
-            self._notify()
-            return True
-        return False
-
-    def bind_loop(self) -> None:
-        """A new session runs on a new event loop; waiters of the old one are gone."""
-        self._changed = None
-        self.probing = False
-
-    def abandon_probe(self) -> None:
-        if self.probing:
-            self.probing = False
-            self._notify()
-
-    def pause(self, seconds: float) -> None:
-        self.not_before = max(self.not_before, self.clock() + seconds)
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class _Session:

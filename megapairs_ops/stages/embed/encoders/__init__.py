@@ -16,13 +16,13 @@ that also runs in the worker, and `encode_batch(batch)` runs the model on the co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
 from megapairs_ops.config import EncoderConfig
+from megapairs_ops.errors import PermanentError
 
 
 class EncodeInputError(ValueError):
@@ -34,36 +34,31 @@ class EncodeInputError(ValueError):
         self.detail = detail
 
 
-class EncoderLoadError(RuntimeError):
+class EncoderLoadError(PermanentError, RuntimeError):
     """The encoder's model could not be loaded; the message says which encoder, model and what to do."""
 
 
-@dataclass(frozen=True)
-class Resources:
-    """What a task running this encoder kind needs, so an orchestrator can route it to a queue/pool."""
-
-    device: Literal["cpu", "gpu-preferred"]
-    batch_size: int
-
-
-_RESOURCES = {
-    "classic_color_layout": Resources("cpu", 256),
-    "classic_texture": Resources("cpu", 256),
-    "classic_text_hash": Resources("cpu", 4096),
-    "clip_image": Resources("gpu-preferred", 256),
-    "clip_text": Resources("gpu-preferred", 1024),
-    "dinov2": Resources("gpu-preferred", 128),
-    "open_clip_image": Resources("gpu-preferred", 256),
-    "open_clip_text": Resources("gpu-preferred", 1024),
-    "precomputed": Resources("cpu", 65536),
+# The device each encoder kind wants: "gpu-preferred" kinds run on a GPU work item (the embed
+# stage routes them to the GPU queue and pool) unless the encoder's `device` says cpu.
+EncoderDevice = Literal["cpu", "gpu-preferred"]
+_DEVICES: dict[str, EncoderDevice] = {
+    "classic_color_layout": "cpu",
+    "classic_texture": "cpu",
+    "classic_text_hash": "cpu",
+    "clip_image": "gpu-preferred",
+    "clip_text": "gpu-preferred",
+    "dinov2": "gpu-preferred",
+    "open_clip_image": "gpu-preferred",
+    "open_clip_text": "gpu-preferred",
+    "precomputed": "cpu",
 }
 
 
-def encoder_resources(kind: str) -> Resources:
+def kind_device(kind: str) -> EncoderDevice:
     try:
-        return _RESOURCES[kind]
+        return _DEVICES[kind]
     except KeyError:
-        raise KeyError(f"unknown encoder kind '{kind}' (known: {sorted(_RESOURCES)})") from None
+        raise KeyError(f"unknown encoder kind '{kind}' (known: {sorted(_DEVICES)})") from None
 
 
 class Encoder:
@@ -141,8 +136,8 @@ __all__ = [
     "Encoder",
     "EncoderLoadError",
     "ItemPreprocessor",
-    "Resources",
+    "EncoderDevice",
     "build_encoder",
-    "encoder_resources",
+    "kind_device",
     "l2_normalise",
 ]

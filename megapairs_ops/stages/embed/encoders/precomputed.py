@@ -107,108 +107,83 @@ def source_digest(enc: EncoderConfig, files: PrecomputedFiles) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _txt_to_parquet(path: Path, out: Path) -> Path:
-    """A .txt ids file as a one-column Parquet, streamed (row order kept)."""
-    import pyarrow.csv as pacsv
+def _keys_to_parquet(path: Path, column: str | None, out: Path) -> Path:
+    """One key file as a one-column Parquet (`key`, string), streamed, row order kept: a .txt
+    file (one key per line) or the key column of a metadata or ids Parquet."""
+    schema = pa.schema([("key", pa.string())])
+    with pq.ParquetWriter(out, schema) as writer:
+        if path.suffix == ".txt":
+            import pyarrow.csv as pacsv
 
-    reader = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(column_names=["key"], block_size=16 << 20),
-        parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
-        convert_options=pacsv.ConvertOptions(column_types={"key": pa.string()}),
-    )
-    with pq.ParquetWriter(out, pa.schema([("key", pa.string())])) as writer:
-        for batch in reader:
-            writer.write_batch(batch)
+            reader = pacsv.open_csv(
+                path,
+                read_options=pacsv.ReadOptions(column_names=["key"], block_size=16 << 20),
+                parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
+                convert_options=pacsv.ConvertOptions(column_types={"key": pa.string()}),
+            )
+            batches = (batch for batch in reader)
+        else:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1 << 16, columns=[column])
+        for batch in batches:
+            writer.write_table(pa.table({"key": batch.column(0).cast(pa.string())}, schema=schema))
     return out
 
 
-def _sql_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+def _images_to_parquet(images: Path, out: Path) -> Path:
+    """The key columns of images.parquet (image_id, sha256, path, duplicate_paths), streamed; a
+    table written without sha256 or duplicate_paths gets image_id and no duplicates instead."""
+    names = pq.read_schema(images).names
+    schema = pa.schema([("image_id", pa.string()), ("sha256", pa.string()), ("path", pa.string()),
+                        ("duplicate_paths", pa.list_(pa.string()))])
+    wanted = [c for c in schema.names if c in names]
+    with pq.ParquetWriter(out, schema) as writer:
+        for batch in pq.ParquetFile(images).iter_batches(batch_size=1 << 16, columns=wanted):
+            n = batch.num_rows
+            cols = {
+                "image_id": batch.column("image_id"),
+                "sha256": batch.column("sha256") if "sha256" in names else batch.column("image_id"),
+                "path": batch.column("path") if "path" in names else pa.nulls(n, pa.string()),
+                "duplicate_paths": (batch.column("duplicate_paths") if "duplicate_paths" in names
+                                    else pa.array([[]] * n, pa.list_(pa.string()))),
+            }
+            writer.write_table(pa.table(cols, schema=schema))
+    return out
 
 
 def build_mapping(
-    enc: EncoderConfig, files: PrecomputedFiles, images: Path, out: Path, row_group: int, memory_limit: str
+    enc: EncoderConfig, files: PrecomputedFiles, images: Path, out: Path, row_group: int, db_settings: dict[str, Any]
 ) -> dict[str, Any]:
     """Write `out`: (row, file, file_row) per images.parquet row that has a vector, sorted by row;
-    file = -1 marks an image whose key matched a vector another image also claims. Returns counts."""
-    import duckdb
+    file = -1 marks an image whose key matched a vector another image also claims. Returns counts.
+    The join runs in DuckDB (sql/precomputed_*.sql) over the key columns only."""
+
+    from megapairs_ops.db import open_session, sql
 
     src = enc.precomputed
+    scratch = out.parent
     key_files = [
-        _txt_to_parquet(k, out.with_name(f".{out.stem}-ids-{i}.parquet")) if k.suffix == ".txt" else k
+        _keys_to_parquet(k, None if k.suffix == ".txt" else src.key_column, scratch / f".{out.stem}-keys-{i}.parquet")
         for i, k in enumerate(files.keys)
     ]
-    column = "key" if files.keys[0].suffix == ".txt" else src.key_column
-    image_columns = pq.read_schema(images).names
-    image_key = {"image_id": "image_id", "sha256": "sha256" if "sha256" in image_columns else "image_id"}
-    if src.match_on in image_key:
-        image_keys = f"SELECT file_row_number AS row, {image_key[src.match_on]} AS k FROM images"
-    else:
-        paths = "SELECT file_row_number AS row, path AS k FROM images"
-        if "duplicate_paths" in image_columns:
-            paths += " UNION ALL SELECT file_row_number AS row, unnest(duplicate_paths) AS k FROM images"
-        if src.match_on == "key":
-            # img2dataset keys: a tar member or a file name without its extension.
-            stem = "regexp_replace(CASE WHEN k LIKE '%.tar#%' THEN regexp_extract(k, '\\.tar#(.*)$', 1) ELSE regexp_extract(k, '[^/]+$') END, '\\.[^./]*$', '')"
-            image_keys = f"SELECT row, {stem} AS k FROM ({paths})"
-        else:
-            image_keys = paths
-    source_key = f"CAST({_quote_ident(column)} AS VARCHAR)"
-    if src.match_on == "path" and src.path_root:
-        root = str(Path(src.path_root).expanduser().resolve()).rstrip("/")
-        source_key = (
-            f"CASE WHEN starts_with({source_key}, '/') THEN {source_key} "
-            f"ELSE {_sql_literal(root + '/')} || regexp_replace({source_key}, '^(\\./)+', '') END"
-        )
+    image_keys = _images_to_parquet(images, scratch / f".{out.stem}-images.parquet")
+    # clip-retrieval writes paths as given on its command line: relative ones are taken from here.
+    root = str(Path(src.path_root).expanduser().resolve()).rstrip("/") + "/" if src.path_root else None
+    path_root = root if src.match_on == "path" else None
     file_index = pa.table({"filename": [str(p) for p in key_files], "file": list(range(len(key_files)))})
-    with duckdb.connect() as con:
-        con.execute(f"SET memory_limit = {_sql_literal(memory_limit)}")
-        con.execute(f"SET temp_directory = {_sql_literal(str(out.parent / '.duckdb-spill'))}")
-        con.register("file_index", file_index)
-        con.execute(f"CREATE VIEW images AS SELECT * FROM read_parquet({_sql_literal(str(images))}, file_row_number = true)")
-        con.execute(
-            f"""
-            CREATE TEMP TABLE src AS
-            SELECT f.file, s.file_row_number AS frow, {source_key} AS k
-            FROM read_parquet(?, filename = true, file_row_number = true) AS s JOIN file_index AS f USING (filename)
-            """,
-            [[str(p) for p in key_files]],
-        )
-        con.execute(f"CREATE TEMP TABLE image_keys AS SELECT DISTINCT row, k FROM ({image_keys}) WHERE k IS NOT NULL")
-        con.execute(
-            """
-            CREATE TEMP TABLE matched AS
-            WITH first_src AS (
-                SELECT k, arg_min(file, (file, frow)) AS file, arg_min(frow, (file, frow)) AS frow
-                FROM src WHERE k IS NOT NULL GROUP BY k
-            ),
-            per_row AS (  -- an image reachable by several keys (duplicate paths) takes its first vector
-                SELECT i.row, arg_min(s.file, (s.file, s.frow)) AS file, arg_min(s.frow, (s.file, s.frow)) AS frow
-                FROM image_keys AS i JOIN first_src AS s USING (k) GROUP BY i.row
-            )
-            SELECT row, file, frow, count(*) OVER (PARTITION BY file, frow) AS claims FROM per_row
-            """
-        )
-        source_rows, duplicates, ignored = con.execute(
-            """
-            SELECT count(*), count(k) - count(DISTINCT k),
-                   count(*) FILTER (WHERE k IS NULL OR k NOT IN (SELECT k FROM image_keys))
-            FROM src
-            """
-        ).fetchone()
-        matched, ambiguous = con.execute(
-            "SELECT count(*) FILTER (WHERE claims = 1), count(*) FILTER (WHERE claims > 1) FROM matched"
-        ).fetchone()
-        con.execute(
-            f"""
-            COPY (SELECT row, CASE WHEN claims = 1 THEN file ELSE -1 END::INTEGER AS file, frow
-                  FROM matched ORDER BY row)
-            TO {_sql_literal(str(out))} (FORMAT parquet, ROW_GROUP_SIZE {int(row_group)})
-            """
-        )
-    for path in key_files:
-        if path.name.startswith(f".{out.stem}-ids-"):
+    try:
+        with open_session({**db_settings, "preserve_insertion_order": False}) as con:
+            con.register("file_index", file_index)
+            con.execute(sql("precomputed_source_keys"), {"key_files": [str(p) for p in key_files], "path_root": path_root})
+            con.execute(sql("precomputed_image_keys"), {"images": str(image_keys), "match_on": src.match_on})
+            con.execute(sql("precomputed_matched"))
+            source_rows, duplicates, ignored = con.execute(sql("precomputed_source_counts")).fetchall()[0]
+            matched, ambiguous = con.execute(sql("precomputed_matched_counts")).fetchall()[0]
+            reader = con.sql(sql("precomputed_mapping")).to_arrow_reader(row_group)
+            with pq.ParquetWriter(out, reader.schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch, row_group_size=row_group)
+    finally:
+        for path in [*key_files, image_keys]:
             path.unlink(missing_ok=True)
     return {
         "precomputed_rows": int(source_rows),
@@ -218,10 +193,6 @@ def build_mapping(
         "precomputed_duplicate_rows": int(duplicates),
         "precomputed_ambiguous_images": int(ambiguous),
     }
-
-
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 class VectorReader:
