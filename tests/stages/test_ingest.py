@@ -44,6 +44,15 @@ def sample_files(sample_corpus: Path, k: int) -> list[Path]:
     return sorted(p for p in (sample_corpus / "images").iterdir() if p.suffix in (".png", ".jpg"))[:k]
 
 
+def copy_with_captions(files: list[Path], folder: Path) -> Path:
+    """A corpus folder holding copies of `files` and their sidecar captions."""
+    folder.mkdir()
+    for f in files:
+        shutil.copy(f, folder)
+        shutil.copy(f.with_suffix(".txt"), folder)
+    return folder
+
+
 def caption_of(image: Path) -> str:
     return image.with_suffix(".txt").read_text(encoding="utf-8").strip()
 
@@ -128,11 +137,7 @@ def test_rerun_gives_identical_output(weird_corpus, weird_run, tmp_path):
 
 def test_limits_come_from_config(sample_corpus, tmp_path):
     files = sample_files(sample_corpus, 6)
-    folder = tmp_path / "few"
-    folder.mkdir()
-    for f in files:
-        shutil.copy(f, folder)
-        shutil.copy(f.with_suffix(".txt"), folder)
+    folder = copy_with_captions(files, tmp_path / "few")
     sizes = sorted(f.stat().st_size for f in files)
     stats, images, quarantine = run(folder, tmp_path, "limits", max_file_bytes=sizes[2])
     assert stats["quarantine_by_reason"] == {"file_too_large": 3}
@@ -404,11 +409,7 @@ def test_unusable_corpus_is_a_one_line_error(tmp_path, kind):
 
 def test_names_that_are_not_utf8_are_quarantined_not_fatal(sample_corpus, tmp_path):
     files = sample_files(sample_corpus, 2)
-    folder = tmp_path / "names"
-    folder.mkdir()
-    for f in files:
-        shutil.copy(f, folder)
-        shutil.copy(f.with_suffix(".txt"), folder)
+    folder = copy_with_captions(files, tmp_path / "names")
     bad = os.fsdecode(bytes(folder) + b"/latin1-\xe9t\xe9.png")
     shutil.copy(files[0], bad)
     Path(bad).with_suffix(".txt").write_text("caption")

@@ -36,17 +36,9 @@ log = logging.getLogger("megapairs_ops.stages.annotate")
 _PROGRESS_EVERY_S = 60.0
 
 
-def _prefixes(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+def pair_prefixes(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The two hex characters of each pair id that place it in a work item (its id range)."""
     return pc.utf8_slice_codeunits(column, 0, 2)
-
-
-def _prefix_counts(pairs_path: Path) -> dict[str, int]:
-    counts: Counter[str] = Counter()
-    for batch in pq.ParquetFile(pairs_path).iter_batches(columns=["pair_id"], batch_size=1 << 16):
-        for entry in pc.value_counts(_prefixes(batch.column(0))).to_pylist():
-            if entry["values"] is not None:
-                counts[entry["values"]] += entry["counts"]
-    return dict(counts)
 
 
 def _read_item_pairs(pairs_path: Path, first: str, last: str) -> tuple[list[Pair], dict[str, int]]:
@@ -55,7 +47,7 @@ def _read_item_pairs(pairs_path: Path, first: str, last: str) -> tuple[list[Pair
     seen: dict[str, Pair] = {}
     raw: Counter[str] = Counter()
     for batch in pq.ParquetFile(pairs_path).iter_batches(columns=["pair_id", "q_id", "t_id"], batch_size=1 << 16):
-        prefixes = _prefixes(batch.column("pair_id"))
+        prefixes = pair_prefixes(batch.column("pair_id"))
         mask = pc.and_(pc.greater_equal(prefixes, first), pc.less_equal(prefixes, last))
         for row in batch.filter(mask).to_pylist():
             raw[prefix_of(row["pair_id"])] += 1

@@ -27,7 +27,7 @@ from megapairs_ops.config import PipelineConfig
 from megapairs_ops.layout import RunLayout
 from megapairs_ops.schemas import ANNOTATION_OUTPUT_SCHEMA, FAILURE_SCHEMA
 from megapairs_ops.stages.annotate.backends import Backend
-from megapairs_ops.stages.annotate.item import ItemBackends, annotate_item, item_parts
+from megapairs_ops.stages.annotate.item import ItemBackends, annotate_item, item_parts, pair_prefixes
 from megapairs_ops.stages.annotate.outcomes import RECORD_FORMAT, STAGE, Answers
 from megapairs_ops.stages.annotate.records import shard_name
 from megapairs_ops.stages.annotate.request_stats import RequestStats
@@ -42,14 +42,10 @@ def annotate_work(layout: RunLayout) -> WorkDir:
     return WorkDir(layout.work_dir(STAGE))
 
 
-def _prefixes(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return pc.utf8_slice_codeunits(column, 0, 2)
-
-
 def _prefix_counts(pairs_path: Path) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for batch in pq.ParquetFile(pairs_path).iter_batches(columns=["pair_id"], batch_size=1 << 16):
-        for entry in pc.value_counts(_prefixes(batch.column(0))).to_pylist():
+        for entry in pc.value_counts(pair_prefixes(batch.column(0))).to_pylist():
             if entry["values"] is not None:
                 counts[entry["values"]] += entry["counts"]
     return dict(counts)
