@@ -1,11 +1,12 @@
-"""Ingest throughput of the CLI executor: `megapairs run --until ingest --workers N` on the bundled
-sample corpus, N workers against 1 worker in the same run (the baseline), alternating repeats.
+"""Ingest throughput of the CLI executor: the ingest stage on a sample corpus with N workers
+against 1 worker (the baseline) in the same run, alternating repeats, each in a fresh process.
 
     .venv/bin/python bench/ingest.py [--n 1000] [--workers 2] [--repeats 3] [--corpus DIR]
 
-Prints one JSON object: per worker count the rows, each repeat's wall seconds (the whole command:
-interpreter start and process pool included) and the median rows/s, the CPU seconds the command
-used per wall second (how many cores it kept busy), and the speed-up of N workers over 1.
+Prints one JSON object. Per worker count (medians over the repeats): rows; the work items' phase
+(rows/s and CPU seconds per wall second: how many cores the items kept busy; process start-up
+included); finalize seconds (merge, Polars dedup, the Great Expectations gate); the whole stage's
+rows/s; and the speed-ups of N workers over 1 for the items and for the stage.
 """
 
 from __future__ import annotations
@@ -22,21 +23,29 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MEGAPAIRS = [sys.executable, "-m", "megapairs_ops.cli"]
 
 
-def run_once(corpus: Path, out: Path, workers: int) -> dict:
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def child(workers: int, corpus: str, out: str) -> dict:
+    """One measurement, in this (fresh) process: plan, items, finalize of the ingest stage."""
+    from megapairs_ops.pipeline import context_from_params, finalize_stage, get_stage, plan_stage
+    from megapairs_ops.pipeline.executor import run_items
+
     shutil.rmtree(out, ignore_errors=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ctx = context_from_params(REPO / "configs" / "demo.yaml", corpus, out)
     start = time.perf_counter()
-    subprocess.run([*MEGAPAIRS, "run", "--config", str(REPO / "configs" / "demo.yaml"), "--corpus", str(corpus),
-                    "--out", str(out), "--until", "ingest", "--workers", str(workers)],
-                   check=True, capture_output=True, cwd=REPO)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    rows = json.loads((out / "_status" / "ingest.json").read_text())["items_seen"]
-    return {"rows": rows, "wall": wall, "cpu": cpu}
+    items = plan_stage(ctx, "ingest")
+    planned, cpu_before = time.perf_counter(), _cpu_seconds()
+    run_items(ctx, get_stage("ingest"), items, workers)
+    ran, cpu_after = time.perf_counter(), _cpu_seconds()
+    rows = finalize_stage(ctx, "ingest")["items_seen"]
+    done = time.perf_counter()
+    return {"rows": rows, "items": len(items), "items_s": ran - planned, "items_cpu": cpu_after - cpu_before,
+            "finalize_s": done - ran, "stage_s": done - start}
 
 
 def main() -> None:
@@ -45,29 +54,38 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--corpus", default=None, help="an existing corpus instead of a generated sample")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(int(args.child[0]), args.child[1], args.child[2])))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(args.corpus) if args.corpus else Path(tmp) / "corpus"
+        corpus = args.corpus or str(Path(tmp) / "corpus")
         if not args.corpus:
-            subprocess.run([*MEGAPAIRS, "sample-corpus", str(corpus), "--n", str(args.n), "--seed", "0"],
-                           check=True, capture_output=True, cwd=REPO)
-        counts = (1, args.workers)
-        runs: dict[int, list[dict]] = {w: [] for w in counts}
+            subprocess.run([sys.executable, "-m", "megapairs_ops.cli", "sample-corpus", corpus, "--n", str(args.n),
+                            "--seed", "0"], check=True, capture_output=True, cwd=REPO)
+        runs: dict[int, list[dict]] = {1: [], args.workers: []}
         for _ in range(args.repeats):
-            for workers in counts:
-                runs[workers].append(run_once(corpus, Path(tmp) / "run", workers))
-    result: dict = {"corpus": args.corpus or f"sample n={args.n}"}
+            for workers in runs:
+                proc = subprocess.run([sys.executable, __file__, "--child", str(workers), corpus, str(Path(tmp) / "run")],
+                                      check=True, capture_output=True, text=True, cwd=REPO)
+                runs[workers].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    result: dict = {"corpus": args.corpus or f"sample n={args.n}", "repeats": args.repeats}
     for workers, done in runs.items():
-        wall = statistics.median(r["wall"] for r in done)
+        med = lambda key: statistics.median(r[key] for r in done)  # noqa: E731
         result[f"workers_{workers}"] = {
             "rows": done[0]["rows"],
-            "wall_s": [round(r["wall"], 2) for r in done],
-            "rows_per_s": round(done[0]["rows"] / wall, 1),
-            "cpu_s_per_wall_s": round(statistics.median(r["cpu"] / r["wall"] for r in done), 2),
+            "work_items": done[0]["items"],
+            "items_rows_per_s": round(done[0]["rows"] / med("items_s"), 1),
+            "items_cpu_s_per_wall_s": round(statistics.median(r["items_cpu"] / r["items_s"] for r in done), 2),
+            "finalize_s": round(med("finalize_s"), 2),
+            "stage_rows_per_s": round(done[0]["rows"] / med("stage_s"), 1),
         }
-    result[f"speedup_{args.workers}_over_1"] = round(
-        result[f"workers_{args.workers}"]["rows_per_s"] / result["workers_1"]["rows_per_s"], 3)
+    one, many = result["workers_1"], result[f"workers_{args.workers}"]
+    result[f"items_speedup_{args.workers}_over_1"] = round(many["items_rows_per_s"] / one["items_rows_per_s"], 3)
+    result[f"stage_speedup_{args.workers}_over_1"] = round(many["stage_rows_per_s"] / one["stage_rows_per_s"], 3)
     print(json.dumps(result))
 
 

@@ -20,6 +20,11 @@ from .stage import Stage
 
 log = logging.getLogger("megapairs")
 
+# A worker process costs about half a second before its first item (interpreter, imports, config:
+# measured on the ingest items of bench/ingest.py), about what one 512-image ingest item takes.
+# With fewer items per process than this the pool loses to one process's threads, so the items
+# run here instead.
+MIN_ITEMS_PER_PROCESS = 2
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 _worker_ctx: dict[str, RunContext] = {}
 
@@ -43,8 +48,8 @@ def run_items(ctx: RunContext, stage: Stage, items: list[dict[str, Any]], worker
     todo = [i for i in parallel if not stage.is_done(ctx, i)]
     if not todo:
         return
-    workers = min(max(1, workers), len(todo))
-    if workers == 1:
+    workers = min(max(1, workers), len(todo) // MIN_ITEMS_PER_PROCESS or 1)
+    if workers == 1:  # in this process, its items' threads on every core (cpu_share)
         run_batch(ctx, stage.name, todo)
         return
     threads = max(1, default_workers() // workers)

@@ -437,7 +437,7 @@ def _outputs(layout: RunLayout) -> tuple[pa.Table, pa.Table]:
 
 @pytest.mark.slow
 def test_the_cli_executor_spreads_ingest_items_over_worker_processes(sample_corpus, tmp_path):
-    from megapairs_ops.pipeline import finalize_stage, get_stage, plan_stage
+    from megapairs_ops.pipeline import RunContext, finalize_stage, get_stage, plan_stage
     from megapairs_ops.pipeline.executor import run_items
     from megapairs_ops.storage import WorkDir
 
@@ -453,6 +453,14 @@ def test_the_cli_executor_spreads_ingest_items_over_worker_processes(sample_corp
     assert len(by_process) == 2 and os.getpid() not in by_process
     assert sorted(len(ids) for ids in by_process.values()) == [4, 4]
     finalize_stage(ctx, "ingest")
+
+    # Too few items to pay for starting processes (under two each): this process runs them.
+    few = RunContext(config(shard_size=60), sample_corpus, RunLayout(tmp_path / "few"), run_id="r")
+    few_items = plan_stage(few, "ingest")
+    assert len(few_items) == 2
+    run_items(few, get_stage("ingest"), few_items, workers=2)
+    few_work = WorkDir(few.layout.work_dir("ingest"))
+    assert {few_work.stats(i["id"])["worker_pid"] for i in few_items} == {os.getpid()}
 
     one = _context(sample_corpus, tmp_path / "one")
     from megapairs_ops.pipeline import run_stage
