@@ -3,7 +3,8 @@
 - work.py: the plan (query ranges; full or incremental mining decided once), one work item,
   finalize (parts merged into candidates/<enc>.parquet and neighbours/<enc>.parquet);
 - index.py: the index choice (exact and sharded, IVF-Flat, IVF-PQ with exact re-ranking; CPU or
-  GPU) and the searchers; docs/mining.md describes the rule;
+  GPU), vectors.npy read with pread, devices; docs/mining.md describes the rule;
+- flat.py, ivf.py: the searchers (exact, sharded to the memory budget; IVF trained and calibrated);
 - incremental.py: reusing a published version's exact neighbours over a grown corpus.
 """
 

@@ -1,7 +1,7 @@
 """Mining: k nearest neighbours per query image for one encoder, kept when inside the encoder's band.
 
 Inner product on L2-normalised vectors is cosine similarity. The search engine (exact and sharded,
-IVF-Flat, or IVF-PQ with exact re-ranking; CPU or GPU) is chosen by mine_index.choose_index from
+IVF-Flat, or IVF-PQ with exact re-ranking; CPU or GPU) is chosen by index.choose_index from
 the corpus size, the dimension and mining.memory_budget; docs/mining.md describes the rule.
 
 Semantics, whatever the engine: a query's own row is never its neighbour; its first k neighbours
