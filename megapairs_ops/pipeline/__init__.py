@@ -24,7 +24,7 @@ _WHERE = {
     "Resources": "stage", "Stage": "stage", "stage_key": "stage",
     **{name: "runner" for name in (
         "build_run_report", "check_before_run", "finalize_stage", "fingerprint", "output_locations", "plan_stage",
-        "planned_stages", "run_batch", "run_pipeline", "run_stage", "run_work_inline", "stage_finished",
+        "planned_stages", "run_batch", "run_pipeline", "run_stage", "run_work_inline",
         "task_batches", "write_run_stats",
     )},
 }

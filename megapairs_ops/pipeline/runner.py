@@ -94,13 +94,6 @@ def _finished(ctx: RunContext, stage: Stage, encoder: str | None, fp: str) -> bo
     return not stage.work_left(load_status(ctx.layout, key) or {})
 
 
-def stage_finished(ctx: RunContext, name: str, encoder: str | None = None) -> bool:
-    """Whether run_stage would skip it: finished earlier with the same inputs, nothing left that
-    a re-run could still do."""
-    stage = get_stage(name)
-    return _finished(ctx, stage, encoder, fingerprint(ctx, stage, encoder))
-
-
 def _unfinished(ctx: RunContext, stage: Stage, encoder: str | None, force: bool) -> list[str | None]:
     todo = [e for e in stage_keys(ctx, stage, encoder) if force or not _finished(ctx, stage, e, fingerprint(ctx, stage, e))]
     if force:
@@ -224,14 +217,17 @@ def run_work_inline(stage: Stage, cfg: Any, layout: RunLayout, encoders: list[st
                     corpus: Path | None = None, run_id: str = "") -> list[dict[str, Any]]:
     """A stage's plan, items and finalize in this process, without fingerprints, statuses or
     gates: the stage functions as a library (tests, notebooks, benchmarks). Returns each
-    encoder's finalize stats."""
+    encoder's finalize stats; the work dirs are removed afterwards, as after a finished stage."""
     ctx = RunContext(cfg, corpus or Path("."), layout, run_id or layout.root.name)
     encoders = encoders if encoders is not None else [None]
     items = stage.plan(ctx, encoders)
     todo = [item for item in items if not stage.is_done(ctx, item)]
     if todo:
         stage.run_items(ctx, todo, lambda item, stats: stage.commit(ctx, item, stats))
-    return [stage.finalize(ctx, enc) for enc in encoders]
+    results = [stage.finalize(ctx, enc) for enc in encoders]
+    for enc in encoders:
+        stage.after_finish(ctx, enc)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

@@ -426,11 +426,10 @@ def _link(source: Path, final: Path) -> None:
 def mine_candidates(cfg: PipelineConfig, encoder_name: str, layout: RunLayout) -> dict:
     """The whole mining stage of one encoder in this process: plan, every work item, finalize;
     the work dir is removed once the outputs are written, as after a finished stage."""
-    for item in plan_mining_work(cfg, layout, encoder_name):
-        run_mining_work(cfg, layout, item)
-    stats = finalize_mining(cfg, layout, encoder_name)
-    _Work(cfg, layout, encoder_name).work.clear()
-    return stats
+    from megapairs_ops.pipeline.runner import run_work_inline
+    from megapairs_ops.stages.mine import MineStage
+
+    return run_work_inline(MineStage(), cfg, layout, [encoder_name])[0]
 
 
 def _table(ids: pa.Array, q: np.ndarray, t: np.ndarray, sim: np.ndarray, rank: np.ndarray) -> pa.Table:
